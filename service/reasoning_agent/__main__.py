@@ -1,0 +1,3 @@
+from reasoning_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The endpoints: submit and read tasks, list them, and report health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse
+
+from reasoning_agent import llm, metrics, tasks
+from reasoning_agent.api.deps import (
+    AgentDep,
+    ApiKeyDep,
+    QueryLimitDep,
+    ServicesDep,
+    SessionDep,
+    SettingsDep,
+    TaskLimitDep,
+)
+from reasoning_agent.db import ping
+from reasoning_agent.errors import (
+    BadGateway,
+    Conflict,
+    GatewayTimeout,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    ServiceUnavailable,
+)
+from reasoning_agent.models import Task, TaskStatus
+from reasoning_agent.schemas import HealthOut, TaskIn, TaskList, TaskOut
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+# How each LLM failure is answered, and how a replayed failed task is answered again.
+_LLM_ERRORS: dict[type[llm.LLMError], type[ServiceError]] = {
+    llm.UpstreamError: BadGateway,
+    llm.DeadlineExceeded: GatewayTimeout,
+    llm.NotConfigured: ServiceUnavailable,
+}
+_BY_TYPE = {cls.type: cls for cls in _LLM_ERRORS.values()}
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"),
+]
+
+
+@router.post("/task", response_model=TaskOut, summary="Answer a prompt and store the task")
+async def submit_task(
+    body: TaskIn,
+    caller: ApiKeyDep,
+    _: TaskLimitDep,
+    settings: SettingsDep,
+    agent: AgentDep,
+    session: SessionDep,
+    idempotency_key: IdempotencyKey = None,
+) -> TaskOut:
+    if len(body.prompt) > settings.max_prompt_chars:
+        raise PayloadTooLarge(f"prompt is longer than {settings.max_prompt_chars} characters")
+    if body.system and len(body.system) > settings.max_prompt_chars:
+        raise PayloadTooLarge(f"system is longer than {settings.max_prompt_chars} characters")
+    reason = agent.unconfigured_reason()
+    if reason:
+        raise ServiceUnavailable(f"the LLM provider is not configured: {reason}")
+    model = body.model or agent.default_model
+    digest = tasks.request_hash(body, model)
+    task, created = await tasks.create_pending(
+        session,
+        owner=caller.name,
+        body=body,
+        model=model,
+        digest=digest,
+        idempotency_key=idempotency_key,
+    )
+    if not created:
+        return _replay(task, digest)
+
+    started = time.monotonic()
+    try:
+        result = await agent.run(
+            body.prompt,
+            system=body.system,
+            model=model,
+            temperature=body.temperature,
+            max_tokens=body.max_tokens,
+        )
+    except llm.LLMError as exc:
+        error = _LLM_ERRORS.get(type(exc), BadGateway)
+        await tasks.mark_failed(
+            session,
+            task,
+            error_type=error.type,
+            message=str(exc),
+            attempts=exc.attempts,
+            latency_ms=_ms_since(started),
+        )
+        metrics.TASKS.labels(TaskStatus.FAILED).inc()
+        raise error(str(exc), extra={"task_id": task.id}) from None
+    except asyncio.CancelledError:
+        await asyncio.shield(
+            tasks.mark_failed(
+                session,
+                task,
+                error_type="interrupted",
+                message="the request was cancelled before the answer came",
+                attempts=0,
+                latency_ms=_ms_since(started),
+            )
+        )
+        raise
+    await tasks.mark_completed(session, task, result, latency_ms=_ms_since(started))
+    metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
+    return TaskOut.of(task)
+
+
+def _replay(task: Task, digest: str) -> TaskOut:
+    """Answer a repeated Idempotency-Key as the first request was answered."""
+    if task.request_hash != digest:
+        raise InvalidRequest("Idempotency-Key was already used with a different request")
+    if task.status == TaskStatus.PENDING:
+        raise Conflict("a request with this Idempotency-Key is still in progress")
+    if task.status == TaskStatus.FAILED:
+        error = _BY_TYPE.get(task.error_type or "", BadGateway)
+        raise error(task.error or "the task failed", extra={"task_id": task.id})
+    return TaskOut.of(task)
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 2)
+
+
+@router.get("/task/{task_id}", response_model=TaskOut, summary="One of the caller's tasks")
+async def read_task(
+    task_id: str, caller: ApiKeyDep, _: QueryLimitDep, session: SessionDep
+) -> TaskOut:
+    task = await tasks.get_task(session, caller.name, task_id)
+    if task is None:
+        raise NotFound("no such task")
+    return TaskOut.of(task)
+
+
+@router.get("/query", response_model=TaskList, summary="The caller's tasks, newest first")
+async def query_tasks(
+    caller: ApiKeyDep,
+    _: QueryLimitDep,
+    session: SessionDep,
+    q: Annotated[str | None, Query(max_length=500, description="text in prompt or answer")] = None,
+    status: Literal["pending", "completed", "failed"] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> TaskList:
+    if q is not None and "\x00" in q:
+        raise InvalidRequest("q: must not contain NUL characters")
+    try:
+        page = await tasks.query_tasks(
+            session,
+            caller.name,
+            text=q,
+            status=status,
+            since=_aware(since),
+            until=_aware(until),
+            limit=limit,
+            cursor=cursor,
+        )
+    except tasks.InvalidCursor as exc:
+        raise InvalidRequest(f"cursor: {exc}") from None
+    return TaskList(items=[TaskOut.of(t) for t in page.items], next_cursor=page.next_cursor)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """Times without an offset are taken as UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+@router.get("/healthz", response_model=HealthOut, summary="Database, Redis and LLM checks")
+async def healthz(_: ApiKeyDep, services: ServicesDep) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            await ping(services.engine)
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"fail: {exc.__class__.__name__}"
+    redis_ok = await services.limiter.check_store()
+    checks["redis"] = {None: "disabled", True: "ok", False: "fail"}[redis_ok]
+    reason = services.agent.unconfigured_reason()
+    checks["llm"] = (
+        f"not configured: {reason}" if reason else f"ok ({services.agent.provider.name})"
+    )
+    if checks["database"] != "ok":
+        status = "fail"
+    elif redis_ok is False or reason:
+        status = "degraded"
+    else:
+        status = "ok"
+    return JSONResponse(
+        {"status": status, "checks": checks}, status_code=503 if status == "fail" else 200
+    )
+
+
+@router.get("/livez", summary="The process is alive (no key needed)")
+async def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The database answers (no key needed)")
+async def readyz(services: ServicesDep) -> JSONResponse:
+    try:
+        async with asyncio.timeout(2):
+            await ping(services.engine)
+    except Exception:
+        return JSONResponse({"status": "fail"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics", summary="Prometheus metrics of every worker", response_class=Response)
+async def prometheus_metrics(_: ApiKeyDep) -> Response:
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)

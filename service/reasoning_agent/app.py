@@ -1,0 +1,93 @@
+"""create_app(): the FastAPI application, with a lifespan that owns the engine, limiter and provider."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+
+from reasoning_agent import __version__, db, logs
+from reasoning_agent.agent import ReasoningAgent
+from reasoning_agent.api.deps import Services
+from reasoning_agent.api.routes import router
+from reasoning_agent.config import Settings, load_settings
+from reasoning_agent.errors import install_handlers
+from reasoning_agent.keys import KeyRing
+from reasoning_agent.llm import load_provider
+from reasoning_agent.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
+from reasoning_agent.ratelimit import RateLimiter
+
+__all__ = ["create_app", "secrets_of"]
+
+log = logging.getLogger(__name__)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every configured secret string, so logging can redact them wherever they turn up."""
+    from sqlalchemy import make_url
+
+    found = [s.get_secret_value() for s in (settings.openai_api_key,) if s is not None]
+    for url in (settings.database_url, settings.redis_url):
+        if url is not None:
+            password = make_url(url.get_secret_value()).password
+            if password:
+                found.append(str(password))
+    return found
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application; settings come from the environment unless given."""
+    settings = settings or load_settings()
+    logs.configure_logging(settings.log_level, secrets=secrets_of(settings))
+    keyring = KeyRing.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = db.create_engine(settings.database_url.get_secret_value())
+        limiter = RateLimiter(
+            redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None
+        )
+        provider = load_provider(settings)
+        app.state.services = Services(
+            settings=settings,
+            engine=engine,
+            sessions=db.session_factory(engine),
+            limiter=limiter,
+            agent=ReasoningAgent(provider, timeout_s=settings.llm_timeout_s),
+        )
+        log.info(
+            "service started",
+            extra={
+                "version": __version__,
+                "provider": provider.name,
+                "database": db.display_url(settings.database_url.get_secret_value()),
+                "shared_limits": limiter.shared,
+            },
+        )
+        try:
+            yield
+        finally:
+            await provider.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="reasoning-agent",
+        version=__version__,
+        description="Prompt in, LLM answer out; every task stored; limits per API key.",
+        lifespan=lifespan,
+        middleware=[
+            Middleware(RequestContextMiddleware),
+            Middleware(AuthMiddleware, keyring=keyring),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        ],
+    )
+    install_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,141 @@
+"""The `reasoning-agent` command: `serve` (gunicorn + uvicorn workers, or `--reload`) and `migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from reasoning_agent.config import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reasoning-agent", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument(
+        "--reload", action="store_true", help="one uvicorn process, reload on change"
+    )
+    serve.add_argument(
+        "--no-migrate", action="store_true", help="do not apply migrations before serving"
+    )
+    commands.add_parser("migrate", help="apply the database migrations")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = _checked_settings()
+        if args.command == "migrate":
+            _migrate(settings)
+            return 0
+        if not args.no_migrate:
+            _migrate(settings)
+        if args.reload:
+            _serve_reload(settings)
+        else:
+            _serve_gunicorn(settings)
+    except ConfigError as exc:
+        print(f"reasoning-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _checked_settings() -> Settings:
+    """Settings plus the checks that need more than the environment: key files, provider names."""
+    from reasoning_agent.keys import KeyRing
+    from reasoning_agent.llm import provider_names
+
+    settings = load_settings()
+    KeyRing.from_settings(settings)
+    if settings.llm_provider not in provider_names():
+        raise ConfigError(
+            f"LLM_PROVIDER: unknown provider {settings.llm_provider!r}; "
+            f"installed: {', '.join(provider_names())}"
+        )
+    return settings
+
+
+def _migrate(settings: Settings) -> None:
+    from reasoning_agent import db
+
+    url = settings.database_url.get_secret_value()
+    try:
+        db.migrate(url)
+    except Exception as exc:
+        raise ConfigError(
+            f"DATABASE_URL: cannot migrate {db.display_url(url)}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+
+
+def _serve_reload(settings: Settings) -> None:
+    import uvicorn
+
+    from reasoning_agent.logs import logging_config
+
+    uvicorn.run(
+        "reasoning_agent.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        reload=True,
+        reload_dirs=[str(Path(__file__).parent)],
+        log_config=logging_config(settings.log_level),
+        access_log=False,
+    )
+
+
+def _serve_gunicorn(settings: Settings) -> None:
+    # Workers share one metrics directory; it must be set before prometheus_client is imported.
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        Path(metrics_dir).mkdir(parents=True)
+    else:
+        metrics_dir = tempfile.mkdtemp(prefix="reasoning-agent-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    from gunicorn.app.base import BaseApplication
+
+    from reasoning_agent.logs import logging_config
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    options: dict[str, Any] = {
+        "bind": f"{host}:{settings.port}",
+        "workers": settings.workers,
+        "worker_class": "uvicorn_worker.UvicornWorker",
+        "graceful_timeout": math.ceil(settings.llm_timeout_s) + 5,
+        "timeout": 30,
+        "keepalive": 5,
+        "accesslog": None,
+        "logconfig_dict": logging_config(settings.log_level),
+        "control_socket_disable": True,
+        "child_exit": child_exit,
+        "proc_name": "reasoning-agent",
+    }
+
+    class _Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            from reasoning_agent.app import create_app
+
+            return create_app()
+
+    try:
+        _Gunicorn().run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

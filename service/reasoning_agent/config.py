@@ -1,0 +1,100 @@
+"""All configuration, read once from the environment into one typed object."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import limits
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """The service's environment, validated at start so a typo fails loudly."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    rate_limit: str = "60/minute"
+    query_rate_limit: str = "600/minute"
+    redis_url: SecretStr | None = None
+    database_url: SecretStr = SecretStr("sqlite:///./reasoning_agent.db")
+    llm_provider: str = "openai"
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_model: str = Field("gpt-4o-mini", min_length=1)
+    llm_max_attempts: int = Field(3, ge=1, le=20)
+    llm_timeout_s: float = Field(60.0, gt=0, le=3600)
+    max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("rate_limit", "query_rate_limit")
+    @classmethod
+    def _limits_syntax(cls, value: str) -> str:
+        try:
+            parsed = limits.parse_many(value)
+        except ValueError:
+            parsed = []
+        if not parsed:
+            raise ValueError("expected limits syntax such as 60/minute or 60/minute;1000/day")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = value.get_secret_value().split(":", 1)[0].split("+", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("expected sqlite:///path or postgresql://user@host/db")
+        return value
+
+    @model_validator(mode="after")
+    def _sane_together(self) -> Settings:
+        if self.api_keys is None and self.api_keys_file is None:
+            raise ValueError("API_KEYS or API_KEYS_FILE: no API key is configured")
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                f"WORKERS={self.workers} without REDIS_URL would give every worker its own "
+                "rate-limit counters; set REDIS_URL or use WORKERS=1"
+            )
+        return self
+
+    @cached_property
+    def rate_limits(self) -> list[limits.RateLimitItem]:
+        return limits.parse_many(self.rate_limit)
+
+    @cached_property
+    def query_rate_limits(self) -> list[limits.RateLimitItem]:
+        return limits.parse_many(self.query_rate_limit)
+
+
+def load_settings() -> Settings:
+    """Read the environment; raise ConfigError with one line naming the bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["loc"]:
+                problems.append(f"{str(error['loc'][0]).upper()}: {message}")
+            else:
+                problems.append(message)
+        raise ConfigError("; ".join(problems)) from None

@@ -1,0 +1,134 @@
+"""API keys: parsed from API_KEYS / API_KEYS_FILE, checked in constant time, known by name."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from reasoning_agent import logs
+from reasoning_agent.config import ConfigError, Settings
+
+__all__ = ["ApiKey", "KeyRing", "fingerprint"]
+
+log = logging.getLogger(__name__)
+
+_FINGERPRINT_KEY = b"reasoning-agent/api-key/v1"
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_MIN_KEY_CHARS = 16
+_MAX_KEY_CHARS = 512
+_RELOAD_EVERY_S = 1.0
+
+
+def fingerprint(secret: str) -> str:
+    """A keyed hash of a key: what we store and log instead of the key itself."""
+    return hmac.new(_FINGERPRINT_KEY, secret.encode("utf-8", "surrogatepass"), "sha256").hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A caller: the key's readable name (its tasks and limits belong to it) and fingerprint."""
+
+    name: str
+    fingerprint: str
+
+
+def parse_keys(text: str, *, source: str) -> dict[str, ApiKey]:
+    """Parse `key` or `name:key` entries separated by commas or newlines; map fingerprint to key."""
+    keys: dict[str, ApiKey] = {}
+    names: set[str] = set()
+    for position, raw in enumerate(re.split(r"[,\n]", text), start=1):
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, sep, secret = entry.partition(":")
+        if not sep:
+            name, secret = "", entry
+        elif not _NAME.fullmatch(name):
+            raise ConfigError(f"{source}: entry {position} has a name that is not [A-Za-z0-9_.-]")
+        if not _MIN_KEY_CHARS <= len(secret) <= _MAX_KEY_CHARS:
+            raise ConfigError(
+                f"{source}: entry {position} must be {_MIN_KEY_CHARS} to {_MAX_KEY_CHARS} characters"
+            )
+        logs.redact([secret])
+        digest = fingerprint(secret)
+        name = name or f"key-{digest[:12]}"
+        if digest in keys:
+            continue
+        if name in names:
+            raise ConfigError(f"{source}: the name {name!r} is given to two keys")
+        names.add(name)
+        keys[digest] = ApiKey(name=name, fingerprint=digest)
+    return keys
+
+
+class KeyRing:
+    """The set of valid keys; re-reads API_KEYS_FILE when it changes so rotation needs no restart."""
+
+    def __init__(self, *, inline: str | None, file: Path | None) -> None:
+        self._inline = parse_keys(inline, source="API_KEYS") if inline else {}
+        self._file = file
+        self._file_stamp: tuple[int, int, int] | None = None
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+        self._keys = dict(self._inline)
+        if file is not None:
+            self._keys = self._load_file(file)
+        if not self._keys:
+            raise ConfigError("API_KEYS / API_KEYS_FILE: no API key is configured")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyRing:
+        inline = settings.api_keys.get_secret_value() if settings.api_keys else None
+        return cls(inline=inline, file=settings.api_keys_file)
+
+    def authenticate(self, presented: str | None) -> ApiKey | None:
+        """The key's owner, or None; every known key is compared so timing tells nothing."""
+        if not presented or len(presented) > _MAX_KEY_CHARS:
+            return None
+        self._reload_if_changed()
+        digest = fingerprint(presented).encode()
+        found: ApiKey | None = None
+        for known, key in self._keys.items():
+            if hmac.compare_digest(known.encode(), digest):
+                found = key
+        return found
+
+    def _load_file(self, file: Path) -> dict[str, ApiKey]:
+        try:
+            stat = file.stat()
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"API_KEYS_FILE: cannot read {file}: {exc.__class__.__name__}"
+            ) from None
+        self._file_stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        return {**self._inline, **parse_keys(text, source="API_KEYS_FILE")}
+
+    def _reload_if_changed(self) -> None:
+        if self._file is None or time.monotonic() < self._next_check:
+            return
+        with self._lock:
+            self._next_check = time.monotonic() + _RELOAD_EVERY_S
+            try:
+                stat = os.stat(self._file)
+            except OSError as exc:
+                log.warning("api keys file unreadable, keeping previous keys: %s", exc.strerror)
+                return
+            if (stat.st_mtime_ns, stat.st_size, stat.st_ino) == self._file_stamp:
+                return
+            try:
+                keys = self._load_file(self._file)
+            except ConfigError as exc:
+                log.warning("api keys file rejected, keeping previous keys: %s", exc)
+                return
+            if not keys:
+                log.warning("api keys file is empty, keeping previous keys")
+                return
+            self._keys = keys
+            log.info("api keys reloaded", extra={"keys": len(keys)})

@@ -1,0 +1,195 @@
+"""The OpenAI provider: any OpenAI-compatible endpoint, one tenacity retry policy, every attempt logged."""
+
+from __future__ import annotations
+
+import logging
+import time
+from email.utils import parsedate_to_datetime
+
+import openai
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+
+from reasoning_agent import metrics
+from reasoning_agent.config import Settings
+from reasoning_agent.llm import DeadlineExceeded, LLMRequest, LLMResult, UpstreamError
+
+__all__ = ["OpenAIProvider", "from_settings"]
+
+log = logging.getLogger(__name__)
+
+_MAX_RETRY_AFTER_S = 60.0
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth another attempt: rate limits, server errors, timeouts, dropped connections."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return isinstance(exc, openai.APIConnectionError)  # includes APITimeoutError
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the upstream asked us to wait, from Retry-After (seconds or HTTP date)."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    value = exc.response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_error"
+    return exc.__class__.__name__
+
+
+class _Wait:
+    """Honour Retry-After when the upstream sends it, else exponential backoff with jitter."""
+
+    def __init__(self) -> None:
+        self._backoff = wait_exponential_jitter(initial=0.5, max=8.0, jitter=0.5)
+
+    def __call__(self, state: RetryCallState) -> float:
+        asked = _retry_after(state.outcome.exception() if state.outcome else None)
+        return asked if asked is not None else self._backoff(state)
+
+
+class _StopBefore(stop_base):
+    """Give up when the next wait would end past the deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return time.monotonic() + state.upcoming_sleep >= self._deadline
+
+
+class OpenAIProvider:
+    """Chat completions through the official SDK, with its own retries off and ours on."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        model: str,
+        max_attempts: int,
+    ) -> None:
+        self.default_model = model
+        self._max_attempts = max_attempts
+        self._client: openai.AsyncOpenAI | None = None
+        if api_key:
+            self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
+
+    def unconfigured_reason(self) -> str | None:
+        return None if self._client else "OPENAI_API_KEY is not set"
+
+    async def complete(self, request: LLMRequest, *, deadline: float) -> LLMResult:
+        assert self._client is not None, "complete() called on an unconfigured provider"
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            wait=_Wait(),
+            stop=stop_any(stop_after_attempt(self._max_attempts), _StopBefore(deadline)),
+            reraise=True,
+        )
+        attempt_number = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempt_number = attempt.retry_state.attempt_number
+                    return await self._attempt(request, attempt_number, deadline)
+        except openai.APIError as exc:
+            message = _describe(exc, attempt_number)
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(message=message, attempts=attempt_number) from None
+            raise UpstreamError(message=message, attempts=attempt_number) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _attempt(self, request: LLMRequest, number: int, deadline: float) -> LLMResult:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(message="deadline reached before the call", attempts=number - 1)
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            response = await self._client.chat.completions.create(  # type: ignore[union-attr]
+                model=request.model,
+                messages=request.messages,  # type: ignore[arg-type]
+                temperature=request.temperature if request.temperature is not None else openai.omit,
+                max_tokens=request.max_tokens if request.max_tokens is not None else openai.omit,
+                timeout=remaining,
+            )
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+            outcome = _outcome(error)
+            metrics.LLM_ATTEMPTS.labels(self.name, request.model, outcome).inc()
+            log.info(
+                "llm attempt",
+                extra={
+                    "provider": self.name,
+                    "model": request.model,
+                    "attempt": number,
+                    "outcome": outcome,
+                    "duration_ms": elapsed_ms,
+                },
+            )
+        if not response.choices or response.choices[0].message.content is None:
+            raise UpstreamError(message="upstream returned no answer", attempts=number)
+        usage = response.usage
+        return LLMResult(
+            answer=response.choices[0].message.content,
+            model=response.model or request.model,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            attempts=number,
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def _describe(exc: openai.APIError, attempts: int) -> str:
+    tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+    if isinstance(exc, openai.APIStatusError):
+        return f"upstream answered HTTP {exc.status_code} {tries}"
+    if isinstance(exc, openai.APITimeoutError):
+        return f"upstream timed out {tries}"
+    if isinstance(exc, openai.APIConnectionError):
+        return f"upstream unreachable {tries}"
+    return f"upstream error {exc.__class__.__name__} {tries}"
+
+
+def from_settings(settings: Settings) -> OpenAIProvider:
+    return OpenAIProvider(
+        api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+        base_url=settings.openai_base_url,
+        model=settings.openai_model,
+        max_attempts=settings.llm_max_attempts,
+    )

@@ -1,0 +1,135 @@
+"""Pure ASGI middleware: request ids, the access log and metrics, and API-key authentication."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reasoning_agent import logs, metrics
+from reasoning_agent.errors import PayloadTooLarge, Unauthorized, error_response
+from reasoning_agent.keys import KeyRing
+
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "RequestContextMiddleware"]
+
+log = logging.getLogger("reasoning_agent.access")
+
+PUBLIC_PATHS = frozenset({"/livez", "/readyz"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContextMiddleware:
+    """Gives each request an id, logs one access line, counts it, and never lets a 500 leak a trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", rid)
+            await send(message)
+
+        metrics.HTTP_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error")
+            if not response_started:
+                response = error_response(
+                    500,
+                    "internal_error",
+                    "an internal error occurred",
+                    headers={"X-Request-ID": rid},
+                )
+                await response(scope, receive, send)
+            status = 500
+        finally:
+            metrics.HTTP_IN_FLIGHT.dec()
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            metrics.HTTP_REQUEST_SECONDS.labels(method, template).observe(elapsed)
+            caller = scope.get("state", {}).get("api_key")
+            log.info(
+                "request",
+                extra={
+                    "method": method,
+                    "route": template,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "key": caller.name if caller else None,
+                },
+            )
+            logs.request_id.reset(token)
+
+
+class AuthMiddleware:
+    """Refuses any request without a valid X-API-Key before its body is read; probes are exempt."""
+
+    def __init__(self, app: ASGIApp, *, keyring: KeyRing) -> None:
+        self.app = app
+        self.keyring = keyring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            presented = Headers(scope=scope).get("x-api-key")
+            caller = self.keyring.authenticate(presented)
+            if caller is None:
+                await Unauthorized().response()(scope, receive, send)
+                return
+            scope.setdefault("state", {})["api_key"] = caller
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuses a body over `max_bytes` with 413: at once by Content-Length, else as it streams in."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # HTTPException passes through FastAPI's body parsing to the 413 handler.
+                    raise HTTPException(413, self._too_large().message)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is larger than {self.max_bytes} bytes")

@@ -1,0 +1,191 @@
+"""Storing tasks: pending before the LLM is called, final after; listing them by keyset cursor."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from reasoning_agent.llm import LLMResult
+from reasoning_agent.models import Task, TaskStatus
+from reasoning_agent.schemas import TaskIn
+
+__all__ = [
+    "InvalidCursor",
+    "Page",
+    "create_pending",
+    "get_task",
+    "mark_completed",
+    "mark_failed",
+    "query_tasks",
+    "request_hash",
+]
+
+
+class InvalidCursor(ValueError):
+    """A cursor that this service did not make."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Task]
+    next_cursor: str | None
+
+
+def request_hash(body: TaskIn, model: str) -> str:
+    """A digest of what was asked, so an Idempotency-Key reused for another request is caught."""
+    canonical = json.dumps({**body.model_dump(), "model": model}, sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+async def create_pending(
+    session: AsyncSession,
+    *,
+    owner: str,
+    body: TaskIn,
+    model: str,
+    digest: str,
+    idempotency_key: str | None,
+) -> tuple[Task, bool]:
+    """Store the task as pending and commit; with a known Idempotency-Key, return the earlier one."""
+    if idempotency_key is not None:
+        earlier = await _by_idempotency_key(session, owner, idempotency_key)
+        if earlier is not None:
+            return earlier, False
+    task = Task(
+        id=uuid.uuid4().hex,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        status=TaskStatus.PENDING,
+        prompt=body.prompt,
+        system=body.system,
+        model=model,
+        temperature=body.temperature,
+        max_tokens=body.max_tokens,
+        metadata_=dict(body.metadata),
+        attempts=0,
+        created_at=datetime.now(UTC),
+    )
+    session.add(task)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        if idempotency_key is None:
+            raise
+        earlier = await _by_idempotency_key(session, owner, idempotency_key)
+        if earlier is None:
+            raise
+        return earlier, False
+    return task, True
+
+
+async def mark_completed(
+    session: AsyncSession, task: Task, result: LLMResult, *, latency_ms: float
+) -> None:
+    task.status = TaskStatus.COMPLETED
+    task.answer = result.answer
+    task.model = result.model
+    task.prompt_tokens = result.prompt_tokens
+    task.completion_tokens = result.completion_tokens
+    task.attempts = result.attempts
+    task.latency_ms = latency_ms
+    task.completed_at = datetime.now(UTC)
+    await session.commit()
+
+
+async def mark_failed(
+    session: AsyncSession,
+    task: Task,
+    *,
+    error_type: str,
+    message: str,
+    attempts: int,
+    latency_ms: float,
+) -> None:
+    task.status = TaskStatus.FAILED
+    task.error_type = error_type
+    task.error = message
+    task.attempts = attempts
+    task.latency_ms = latency_ms
+    task.completed_at = datetime.now(UTC)
+    await session.commit()
+
+
+async def get_task(session: AsyncSession, owner: str, task_id: str) -> Task | None:
+    """The task, only if it belongs to `owner`."""
+    task = await session.get(Task, task_id)
+    return task if task is not None and task.owner == owner else None
+
+
+async def query_tasks(
+    session: AsyncSession,
+    owner: str,
+    *,
+    text: str | None = None,
+    status: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+) -> Page:
+    """The owner's tasks, newest first, one page after `cursor`."""
+    stmt = select(Task).where(Task.owner == owner)
+    if status is not None:
+        stmt = stmt.where(Task.status == status)
+    if since is not None:
+        stmt = stmt.where(Task.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(Task.created_at < until)
+    if text:
+        stmt = stmt.where(
+            or_(
+                Task.prompt.icontains(text, autoescape=True),
+                Task.answer.icontains(text, autoescape=True),
+            )
+        )
+    if cursor is not None:
+        created_at, task_id = decode_cursor(cursor)
+        stmt = stmt.where(
+            or_(
+                Task.created_at < created_at,
+                and_(Task.created_at == created_at, Task.id < task_id),
+            )
+        )
+    stmt = stmt.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
+    rows = list((await session.scalars(stmt)).all())
+    more = len(rows) > limit
+    items = rows[:limit]
+    return Page(items=items, next_cursor=encode_cursor(items[-1]) if more else None)
+
+
+def encode_cursor(task: Task) -> str:
+    raw = f"{task.created_at.astimezone(UTC).isoformat()}|{task.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Undo encode_cursor; anything else raises InvalidCursor."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, task_id = raw.split("|")
+        created_at = datetime.fromisoformat(stamp)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor("cursor is not one this service returned") from None
+    if created_at.tzinfo is None or len(task_id) != 32 or not task_id.isalnum():
+        raise InvalidCursor("cursor is not one this service returned")
+    return created_at, task_id
+
+
+async def _by_idempotency_key(session: AsyncSession, owner: str, key: str) -> Task | None:
+    stmt = select(Task).where(Task.owner == owner, Task.idempotency_key == key)
+    return (await session.scalars(stmt)).first()

@@ -1,0 +1,284 @@
+"""POST /task, GET /task/{id} and GET /query against a real service, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+
+import httpx
+import pytest
+
+from tests.fake_openai import FakeOpenAI, Step
+from tests.support import ALICE, BOB, Service
+
+
+def unique(text: str) -> str:
+    return f"{text} {uuid.uuid4().hex[:8]}"
+
+
+def test_a_prompt_gets_the_upstream_answer_and_is_stored(
+    shared_service: Service, fake_llm: FakeOpenAI
+) -> None:
+    prompt = unique("What is the capital of France?")
+    with shared_service.client() as client:
+        response = client.post(
+            "/task",
+            json={
+                "prompt": prompt,
+                "system": "Be brief.",
+                "temperature": 0.2,
+                "max_tokens": 50,
+                "metadata": {"team": "geo"},
+            },
+        )
+        assert response.status_code == 200, response.text
+        task = response.json()
+        assert task["status"] == "completed"
+        assert task["answer"] == f"fake answer to: {prompt}"
+        assert task["model"] == "fake-model"
+        assert task["attempts"] == 1
+        assert task["usage"]["total_tokens"] == (
+            task["usage"]["prompt_tokens"] + task["usage"]["completion_tokens"]
+        )
+        assert task["metadata"] == {"team": "geo"}
+        assert task["error"] is None and task["completed_at"] >= task["created_at"]
+        assert response.headers["X-RateLimit-Limit"] == "100000"
+        assert "Retry-After" not in response.headers
+
+        sent = fake_llm.requests[-1].body
+        assert sent["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": prompt},
+        ]
+        assert sent["temperature"] == 0.2 and sent["max_tokens"] == 50
+
+        again = client.get(f"/task/{task['id']}")
+        assert again.status_code == 200
+        assert again.json() == task
+
+
+def test_another_key_sees_none_of_the_first_keys_tasks(shared_service: Service) -> None:
+    prompt = unique("private to alice")
+    with shared_service.client(ALICE) as alice, shared_service.client(BOB) as bob:
+        task = alice.post("/task", json={"prompt": prompt}).json()
+        missing = bob.get(f"/task/{task['id']}")
+        assert missing.status_code == 404
+        assert missing.json() == {"error": {"type": "not_found", "message": "no such task"}}
+        assert bob.get(f"/task/{uuid.uuid4().hex}").json() == missing.json()
+        assert bob.get("/query", params={"q": prompt}).json()["items"] == []
+        found = alice.get("/query", params={"q": prompt}).json()["items"]
+        assert [t["id"] for t in found] == [task["id"]]
+
+
+def test_the_same_idempotency_key_returns_the_same_task_without_a_second_call(
+    shared_service: Service, fake_llm: FakeOpenAI
+) -> None:
+    body = {"prompt": unique("idempotent")}
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    with shared_service.client() as client:
+        first = client.post("/task", json=body, headers=headers)
+        second = client.post("/task", json=body, headers=headers)
+        assert first.status_code == second.status_code == 200
+        assert first.json() == second.json()
+        assert fake_llm.calls == 1
+
+        changed = client.post("/task", json={"prompt": "something else"}, headers=headers)
+        assert changed.status_code == 422
+        assert "Idempotency-Key" in changed.json()["error"]["message"]
+        assert fake_llm.calls == 1
+
+    with shared_service.client(BOB) as bob:  # keys are per caller: Bob's is a new task
+        other = bob.post("/task", json=body, headers=headers)
+        assert other.status_code == 200 and other.json()["id"] != first.json()["id"]
+        assert fake_llm.calls == 2
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_task(
+    shared_service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.default_delay = 0.5
+    body = {"prompt": unique("raced")}
+    headers = {"X-API-Key": ALICE, "Idempotency-Key": uuid.uuid4().hex}
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=shared_service.base_url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/task", json=body, headers=headers) for _ in range(5))
+            )
+
+    responses = asyncio.run(race())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 409}
+    assert len({r.json()["id"] for r in responses if r.status_code == 200}) == 1
+    assert fake_llm.calls == 1
+
+
+def test_query_pages_newest_first_and_stays_stable_while_tasks_arrive(
+    shared_service: Service,
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    with shared_service.client() as client:
+        created = [
+            client.post("/task", json={"prompt": f"page {tag} #{i}"}).json()["id"] for i in range(7)
+        ]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"q": tag, "limit": 3} | ({"cursor": cursor} if cursor else {})
+            page = client.get("/query", params=params).json()
+            seen += [t["id"] for t in page["items"]]
+            if (
+                len(seen) == 3
+            ):  # a task created mid-walk lands before the cursor, not in later pages
+                client.post("/task", json={"prompt": f"page {tag} late"})
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == list(reversed(created))
+        assert len(client.get("/query", params={"q": tag, "limit": 100}).json()["items"]) == 8
+
+
+def test_query_filters_by_status_and_time(shared_service: Service, fake_llm: FakeOpenAI) -> None:
+    tag = uuid.uuid4().hex[:10]
+    with shared_service.client() as client:
+        ok = client.post("/task", json={"prompt": f"filter {tag}"}).json()
+        fake_llm.script(Step(status=400))
+        failed = client.post("/task", json={"prompt": f"filter {tag} bad"})
+        assert failed.status_code == 502
+        failed_id = failed.json()["error"]["task_id"]
+
+        by_status = client.get("/query", params={"q": tag, "status": "failed"}).json()["items"]
+        assert [t["id"] for t in by_status] == [failed_id]
+        assert by_status[0]["error"] == "upstream answered HTTP 400 after 1 attempt"
+
+        after = client.get("/query", params={"q": tag, "since": ok["completed_at"]}).json()
+        assert [t["id"] for t in after["items"]] == [failed_id]
+        before = client.get("/query", params={"q": tag, "until": ok["completed_at"]}).json()
+        assert [t["id"] for t in before["items"]] == [ok["id"]]
+
+
+def test_query_text_is_matched_literally(shared_service: Service) -> None:
+    tag = uuid.uuid4().hex[:10]
+    with shared_service.client() as client:
+        special = client.post("/task", json={"prompt": f"{tag} 100%_done' OR 1=1 --"}).json()
+        client.post(
+            "/task", json={"prompt": f"{tag} 100 xdone"}
+        )  # matches if % and _ were wildcards
+        for q in (f"{tag} 100%_done", f"{tag} 100%_done' OR 1=1 --"):
+            ids = [t["id"] for t in client.get("/query", params={"q": q}).json()["items"]]
+            assert ids == [special["id"]], q
+        for q in ("%", "_"):
+            items = client.get("/query", params={"q": q, "limit": 100}).json()["items"]
+            assert special["id"] in [t["id"] for t in items]
+            assert all(q in t["prompt"] or q in (t["answer"] or "") for t in items)
+
+
+def test_non_ascii_text_round_trips(shared_service: Service) -> None:
+    prompt = unique("Ünïcödé 漢字 emoji 🚀 and RTL עברית")
+    with shared_service.client() as client:
+        task = client.post("/task", json={"prompt": prompt}).json()
+        assert task["prompt"] == prompt
+        found = client.get("/query", params={"q": "漢字 emoji 🚀"}).json()["items"]
+        assert task["id"] in [t["id"] for t in found]
+
+
+def cursor_of(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+BAD_INPUTS = [
+    (
+        "malformed json",
+        "post",
+        "/task",
+        {"content": b'{"prompt": ', "headers": {"content-type": "application/json"}},
+        422,
+    ),
+    ("not an object", "post", "/task", {"json": ["prompt"]}, 422),
+    ("prompt missing", "post", "/task", {"json": {}}, 422),
+    ("prompt wrong type", "post", "/task", {"json": {"prompt": 42}}, 422),
+    ("prompt empty", "post", "/task", {"json": {"prompt": ""}}, 422),
+    ("prompt blank", "post", "/task", {"json": {"prompt": "   \n"}}, 422),
+    ("prompt too long", "post", "/task", {"json": {"prompt": "x" * 32_001}}, 413),
+    ("prompt with NUL", "post", "/task", {"json": {"prompt": "a\u0000b"}}, 422),
+    (
+        "lone surrogate",
+        "post",
+        "/task",
+        {"content": b'{"prompt": "\\ud800"}', "headers": {"content-type": "application/json"}},
+        422,
+    ),
+    ("unknown field", "post", "/task", {"json": {"prompt": "hi", "promt": "typo"}}, 422),
+    ("temperature as text", "post", "/task", {"json": {"prompt": "hi", "temperature": "hot"}}, 422),
+    ("temperature too high", "post", "/task", {"json": {"prompt": "hi", "temperature": 9}}, 422),
+    ("max_tokens zero", "post", "/task", {"json": {"prompt": "hi", "max_tokens": 0}}, 422),
+    (
+        "metadata not strings",
+        "post",
+        "/task",
+        {"json": {"prompt": "hi", "metadata": {"a": 1}}},
+        422,
+    ),
+    (
+        "body over the limit",
+        "post",
+        "/task",
+        {"content": b"x" * 2_000_000, "headers": {"content-type": "application/json"}},
+        413,
+    ),
+    (
+        "idempotency key too long",
+        "post",
+        "/task",
+        {"json": {"prompt": "hi"}, "headers": {"Idempotency-Key": "k" * 300}},
+        422,
+    ),
+    ("limit zero", "get", "/query", {"params": {"limit": 0}}, 422),
+    ("limit 1000", "get", "/query", {"params": {"limit": 1000}}, 422),
+    ("limit not a number", "get", "/query", {"params": {"limit": "ten"}}, 422),
+    ("garbage cursor", "get", "/query", {"params": {"cursor": "not-a-cursor!!"}}, 422),
+    ("forged cursor", "get", "/query", {"params": {"cursor": cursor_of("yesterday|x")}}, 422),
+    ("unknown status", "get", "/query", {"params": {"status": "done"}}, 422),
+    ("bad since", "get", "/query", {"params": {"since": "last tuesday"}}, 422),
+    ("NUL in q", "get", "/query", {"params": {"q": "a\u0000b"}}, 422),
+    ("q too long", "get", "/query", {"params": {"q": "q" * 501}}, 422),
+    ("unknown route", "get", "/nope", {}, 404),
+    ("wrong method", "delete", "/query", {}, 405),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options", "status"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
+def test_bad_input_gets_a_clear_json_error(
+    shared_service: Service, method: str, path: str, options: dict, status: int
+) -> None:
+    with shared_service.client() as client:
+        before = client.get("/query", params={"limit": 100}).json()["items"]
+        response = client.request(method.upper(), path, **options)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["type"] and error["message"]
+        assert "Traceback" not in response.text
+        assert "Retry-After" not in response.headers
+        after = client.get("/query", params={"limit": 100}).json()["items"]
+        assert [t["id"] for t in after] == [t["id"] for t in before]  # nothing stored, nothing lost
+
+
+def test_missing_or_wrong_key_is_refused_before_the_body_is_read(shared_service: Service) -> None:
+    for key in (None, "wrong-key-0123456789abcdef", "x" * 10_000):
+        with shared_service.client(key) as client:
+            for method, path in (
+                ("POST", "/task"),
+                ("GET", "/query"),
+                ("GET", "/healthz"),
+                ("GET", "/metrics"),
+                ("GET", "/openapi.json"),
+            ):
+                response = client.request(method, path, content=b"{malformed")
+                assert response.status_code == 401, (key, path)
+                assert response.headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key"'
+                assert response.json()["error"]["type"] == "unauthorized"

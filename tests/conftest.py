@@ -1,0 +1,90 @@
+"""Shared fixtures: the fake OpenAI upstream, and factories for real service processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+from tests.support import (
+    ALICE,
+    BOB,
+    OPENAI_KEY,
+    Service,
+    drop_postgres_database,
+    postgres_database,
+)
+
+StartService = Callable[..., Service]
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_llm(upstream: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """The fake upstream with an empty script and no recorded requests."""
+    upstream.reset()
+    yield upstream
+    upstream.reset()
+
+
+def base_env(upstream: FakeOpenAI, database_url: str) -> dict[str, str]:
+    return {
+        "API_KEYS": f"alice:{ALICE},bob:{BOB}",
+        "DATABASE_URL": database_url,
+        "LLM_PROVIDER": "openai",
+        "OPENAI_API_KEY": OPENAI_KEY,
+        "OPENAI_BASE_URL": upstream.base_url,
+        "OPENAI_MODEL": "fake-model",
+        "LLM_TIMEOUT_S": "10",
+    }
+
+
+@pytest.fixture
+def start_service(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[StartService]:
+    """Start `reasoning-agent serve` with the given environment on top of a test default."""
+    started: list[Service] = []
+
+    def start(**env: str) -> Service:
+        merged = base_env(upstream, f"sqlite:///{tmp_path}/tasks.db") | env
+        service = Service(merged, log_path=tmp_path / f"service-{len(started)}.log")
+        started.append(service)
+        return service.start()
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Each module that asks for it runs once on SQLite and once on the local PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db')}/tasks.db"
+        return
+    url = postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture(scope="module")
+def shared_service(
+    upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """One service per module and database, for tests that do not change its settings."""
+    env = base_env(upstream, database_url) | {
+        "RATE_LIMIT": "100000/minute",
+        "QUERY_RATE_LIMIT": "100000/minute",
+    }
+    service = Service(env, log_path=tmp_path_factory.mktemp("log") / "service.log").start()
+    yield service
+    service.stop()

@@ -1,0 +1,130 @@
+"""A fake OpenAI-compatible server on loopback, with scripted failures, for the real `openai` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@dataclass
+class Step:
+    """What the server does for one request: fail with `status`, wait `delay`, or hang."""
+
+    status: int = 200
+    delay: float = 0.0
+    hang: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+
+
+@dataclass
+class Received:
+    at: float
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class FakeOpenAI:
+    """Answers /v1/chat/completions; `script()` queues steps, `requests` records what came in."""
+
+    def __init__(self) -> None:
+        self._steps: deque[Step] = deque()
+        self._lock = threading.Lock()
+        self.requests: list[Received] = []
+        self.default_delay = 0.0
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._release = threading.Event()
+        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> FakeOpenAI:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake OpenAI server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._steps.clear()
+            self.requests.clear()
+            self.default_delay = 0.0
+        self._release.set()
+        self._release = threading.Event()
+
+    def script(self, *steps: Step) -> None:
+        with self._lock:
+            self._steps.extend(steps)
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        with self._lock:
+            self.requests.append(Received(time.monotonic(), dict(request.headers), body))
+            step = self._steps.popleft() if self._steps else Step(delay=self.default_delay)
+            release = self._release
+        if step.hang:
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            return Response(status_code=499)
+        if step.delay:
+            await asyncio.sleep(step.delay)
+        if step.status != 200:
+            error = {"error": {"message": f"scripted {step.status}", "type": "fake", "code": None}}
+            return JSONResponse(step.body or error, status_code=step.status, headers=step.headers)
+        if step.body is not None:
+            return JSONResponse(step.body, headers=step.headers)
+        prompt = body["messages"][-1]["content"]
+        answer = f"fake answer to: {prompt}"
+        return JSONResponse(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "fake-model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": len(prompt.split()),
+                    "completion_tokens": len(answer.split()),
+                    "total_tokens": len(prompt.split()) + len(answer.split()),
+                },
+            },
+            headers=step.headers,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,172 @@
+"""Test helpers: a real `reasoning-agent serve` process, and the local Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432"
+
+# Keys the tests use; long enough for the service's minimum.
+ALICE = "alice-key-0123456789abcdef"
+BOB = "bob-key-0123456789abcdef0"
+OPENAI_KEY = "sk-test-fake-openai-secret-4242424242"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def need(service: str, host: str, port: int) -> None:
+    """Skip on a laptop without `service`; in CI (CI=true) a missing service is a failure."""
+    if reachable(host, port):
+        return
+    message = f"{service} is not reachable at {host}:{port}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}, and CI must run every test")
+    pytest.skip(f"{message}; start it to run this test")
+
+
+def redis_url(db: int = 15) -> str:
+    """A Redis database for tests, emptied first so earlier counters do not leak in."""
+    need("Redis", REDIS_HOST, REDIS_PORT)
+    import redis
+
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    client.flushdb()
+    client.close()
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
+def postgres_database() -> str:
+    """A fresh, empty PostgreSQL database; its URL."""
+    need("PostgreSQL", "127.0.0.1", 5432)
+    import asyncpg
+
+    name = f"ra_test_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return f"{POSTGRES_URL}/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+def command() -> list[str]:
+    """How to run the installed console script from this virtualenv."""
+    script = Path(sys.executable).parent / "reasoning-agent"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "reasoning_agent"]
+
+
+class Service:
+    """`reasoning-agent serve` as a real process on a free loopback port."""
+
+    def __init__(self, env: Mapping[str, str], *, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "HOST": "127.0.0.1",
+            "LOG_LEVEL": "INFO",
+            **env,
+            "PORT": str(self.port),
+        }
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, timeout: float = 60) -> Service:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [*command(), "serve"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"service did not become ready:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 30) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        os.killpg(self.process.pid, sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait(timeout=10)
+
+    def restart(self) -> Service:
+        self.stop()
+        self.port = free_port()
+        self.env["PORT"] = str(self.port)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        return self.start()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, key: str | None = ALICE, **options: object) -> httpx.Client:
+        headers = {"X-API-Key": key} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, **options)  # type: ignore[arg-type]
+
+
+def which(tool: str) -> str | None:
+    return shutil.which(tool)
