@@ -59,8 +59,13 @@ def logging_config(level: str) -> dict[str, Any]:
         "formatters": {
             "json": {
                 "()": RedactingJsonFormatter,
-                "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
-                "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+                "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+                "rename_fields": {
+                    "asctime": "time",
+                    "levelname": "level",
+                    "name": "logger",
+                    "process": "pid",
+                },
                 "datefmt": "%Y-%m-%dT%H:%M:%S%z",
             }
         },

@@ -282,3 +282,31 @@ def test_missing_or_wrong_key_is_refused_before_the_body_is_read(shared_service:
                 assert response.status_code == 401, (key, path)
                 assert response.headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key"'
                 assert response.json()["error"]["type"] == "unauthorized"
+
+
+def test_a_failed_task_replays_its_error_for_the_same_idempotency_key(
+    shared_service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(status=400))
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    with shared_service.client() as client:
+        first = client.post("/task", json={"prompt": "fails once"}, headers=headers)
+        second = client.post("/task", json={"prompt": "fails once"}, headers=headers)
+    assert first.status_code == second.status_code == 502
+    assert first.json() == second.json()
+    assert fake_llm.calls == 1
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_streaming(
+    shared_service: Service,
+) -> None:
+    def body():  # no Content-Length: the service must count as the bytes arrive
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield b"x" * 65536
+        yield b'"}'
+
+    with shared_service.client() as client:
+        response = client.post("/task", content=body(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "payload_too_large"

@@ -1,0 +1,131 @@
+"""The OpenAI provider through a real service: tenacity retries, Retry-After, the deadline, logs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import base_env
+from tests.fake_openai import FakeOpenAI, Step
+from tests.support import OPENAI_KEY, Service
+
+TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def service(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("openai")
+    env = base_env(upstream, f"sqlite:///{tmp}/tasks.db") | {
+        "LLM_MAX_ATTEMPTS": "3",
+        "LLM_TIMEOUT_S": str(TIMEOUT_S),
+        "RATE_LIMIT": "10000/minute",
+    }
+    service = Service(env, log_path=tmp / "service.log").start()
+    yield service
+    service.stop()
+
+
+def attempt_logs(service: Service) -> list[dict]:
+    lines = [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("message") == "llm attempt"]
+
+
+def test_429_then_500_then_success_makes_three_calls_and_one_task(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(status=429, headers={"Retry-After": "1"}), Step(status=500))
+    before = len(attempt_logs(service))
+    with service.client() as client:
+        response = client.post("/task", json={"prompt": "retry me"})
+        assert response.status_code == 200, response.text
+        task = response.json()
+        assert task["status"] == "completed" and task["attempts"] == 3
+        assert task["answer"] == "fake answer to: retry me"
+        assert fake_llm.calls == 3
+        gap = fake_llm.requests[1].at - fake_llm.requests[0].at
+        assert gap >= 0.95, f"Retry-After: 1 was not honoured ({gap:.2f}s)"
+        matching = client.get("/query", params={"q": "retry me"}).json()["items"]
+        assert [t["id"] for t in matching] == [task["id"]]
+    logged = attempt_logs(service)[before:]
+    assert [(line["attempt"], line["outcome"]) for line in logged] == [
+        (1, "http_429"),
+        (2, "http_500"),
+        (3, "ok"),
+    ]
+    assert all(line["duration_ms"] >= 0 and line["provider"] == "openai" for line in logged)
+
+
+def test_attempts_exhausted_gives_502_and_a_failed_task(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(status=503), Step(status=502), Step(status=500), Step(status=500))
+    with service.client() as client:
+        response = client.post("/task", json={"prompt": "always failing"})
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert error["type"] == "upstream_error"
+        assert error["message"] == "upstream answered HTTP 500 after 3 attempts"
+        assert fake_llm.calls == 3
+        task = client.get(f"/task/{error['task_id']}").json()
+        assert task["status"] == "failed" and task["attempts"] == 3
+        assert task["error"] == error["message"] and task["answer"] is None
+        assert client.post("/task", json={"prompt": "works again"}).status_code == 200
+
+
+def test_a_refusal_is_not_retried(service: Service, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script(Step(status=401))
+    with service.client() as client:
+        response = client.post("/task", json={"prompt": "bad upstream key"})
+        assert response.status_code == 502
+        assert fake_llm.calls == 1
+        assert OPENAI_KEY not in response.text
+
+
+@pytest.mark.parametrize("step", [Step(hang=True), Step(delay=TIMEOUT_S + 2)], ids=["hung", "slow"])
+def test_the_deadline_gives_504_and_a_failed_task(
+    service: Service, fake_llm: FakeOpenAI, step: Step
+) -> None:
+    fake_llm.script(step)
+    with service.client() as client:
+        started = time.monotonic()
+        response = client.post("/task", json={"prompt": "too slow"})
+        elapsed = time.monotonic() - started
+        assert response.status_code == 504, response.text
+        assert TIMEOUT_S - 0.2 <= elapsed < TIMEOUT_S + 1.5
+        error = response.json()["error"]
+        assert error["type"] == "deadline_exceeded"
+        task = client.get(f"/task/{error['task_id']}").json()
+        assert task["status"] == "failed" and task["error"] == error["message"]
+        assert task["latency_ms"] >= (TIMEOUT_S - 0.2) * 1000
+        assert client.post("/task", json={"prompt": "next one"}).status_code == 200
+
+
+def test_retry_after_past_the_deadline_stops_at_once(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(status=429, headers={"Retry-After": "30"}))
+    with service.client() as client:
+        started = time.monotonic()
+        response = client.post("/task", json={"prompt": "come back later"})
+        assert time.monotonic() - started < 1.5
+        assert response.status_code == 502
+        assert response.json()["error"]["message"] == "upstream answered HTTP 429 after 1 attempt"
+        assert fake_llm.calls == 1
+
+
+def test_a_slow_but_timely_answer_is_kept(service: Service, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script(Step(delay=1.0))
+    with service.client() as client:
+        task = client.post("/task", json={"prompt": "take your time"}).json()
+        assert task["status"] == "completed" and task["latency_ms"] >= 1000
+
+
+def test_the_sdk_does_not_retry_by_itself(service: Service, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script(Step(status=500), Step(status=500), Step(status=500))
+    with service.client() as client:
+        assert client.post("/task", json={"prompt": "count calls"}).status_code == 502
+    assert fake_llm.calls == 3  # LLM_MAX_ATTEMPTS, not 3 x the SDK's own 2 retries
+    assert {r.headers.get("x-stainless-retry-count") for r in fake_llm.requests} <= {"0", None}
