@@ -38,11 +38,15 @@ def test_the_61st_task_in_a_minute_gets_429_with_retry_after(start_service: Star
 
 
 def test_several_limits_and_the_query_limit(start_service: StartService) -> None:
-    service = start_service(LLM_PROVIDER="mock", RATE_LIMIT="100/minute;3/hour",
-                            QUERY_RATE_LIMIT="2/minute")
+    service = start_service(
+        LLM_PROVIDER="mock", RATE_LIMIT="100/minute;3/hour", QUERY_RATE_LIMIT="2/minute"
+    )
     with service.client() as client:
         assert [client.post("/task", json={"prompt": "x"}).status_code for _ in range(4)] == [
-            200, 200, 200, 429,
+            200,
+            200,
+            200,
+            429,
         ]
         assert [client.get("/query").status_code for _ in range(3)] == [200, 200, 429]
         assert client.get("/task/0123").status_code == 429  # GET /task/{id} is a read too
@@ -68,5 +72,7 @@ def test_a_limit_shared_by_two_workers_lets_exactly_five_through(
     assert statuses.count(200) == 5 and statuses.count(429) == 55, statuses
     with service.client() as client:
         assert len(client.get("/query", params={"limit": 100}).json()["items"]) == 5
-    access = [json.loads(line) for line in service.logs().splitlines() if '"route": "/task"' in line]
+    access = [
+        json.loads(line) for line in service.logs().splitlines() if '"route": "/task"' in line
+    ]
     assert len({line["pid"] for line in access}) == 2, "both workers should have answered"

@@ -117,7 +117,9 @@ def test_metrics_count_requests_tasks_attempts_and_429s(
     assert value(f"{p}http_requests_total", method="POST", route="/task", status="200") == 1
     assert value(f"{p}http_requests_total", method="POST", route="/task", status="502") == 1
     assert value(f"{p}http_requests_total", method="POST", route="/task", status="429") == 2
-    assert value(f"{p}http_requests_total", method="GET", route="/task/{task_id}", status="404") == 1
+    assert (
+        value(f"{p}http_requests_total", method="GET", route="/task/{task_id}", status="404") == 1
+    )
     assert value(f"{p}tasks_total", status="completed") == 1
     assert value(f"{p}tasks_total", status="failed") == 1
     attempts = f"{p}llm_attempts_total"

@@ -307,6 +307,8 @@ def test_a_chunked_body_over_the_limit_is_refused_while_streaming(
         yield b'"}'
 
     with shared_service.client() as client:
-        response = client.post("/task", content=body(), headers={"content-type": "application/json"})
+        response = client.post(
+            "/task", content=body(), headers={"content-type": "application/json"}
+        )
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "payload_too_large"
