@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,8 @@ def test_an_unreadable_keys_file_is_named(tmp_path: Path) -> None:
     ]
 
 
-def test_migrate_creates_the_schema(tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], **GOOD, "DATABASE_URL": f"sqlite:///{tmp_path}/new/t.db"}
+def test_migrate_creates_the_schema_and_needs_no_api_key(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": f"sqlite:///{tmp_path}/new/t.db"}
     result = subprocess.run(
         [*command(), "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
@@ -91,3 +92,27 @@ def test_migrate_creates_the_schema(tmp_path: Path) -> None:
         version = db.execute("SELECT version_num FROM alembic_version").fetchone()
     assert {"tasks", "alembic_version"} <= tables
     assert version == ("0001",)
+
+
+def test_migrate_wait_retries_then_fails_visibly() -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "DATABASE_URL": f"postgresql://u:pw-42@127.0.0.1:{free_port()}/x",
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [*command(), "migrate", "--wait", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 3 <= time.monotonic() - started < 20
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("reasoning-agent: waiting for the database: ")
+    assert lines[-1].startswith(
+        "reasoning-agent: configuration error: DATABASE_URL: cannot migrate "
+    )
+    assert "pw-42" not in result.stderr

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--no-migrate", action="store_true", help="do not apply migrations before serving"
     )
-    commands.add_parser("migrate", help="apply the database migrations")
+    migrate = commands.add_parser("migrate", help="apply the database migrations")
+    migrate.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="keep trying this long while the database is not reachable yet",
+    )
     args = parser.parse_args(argv)
 
     try:
-        settings = _checked_settings()
         if args.command == "migrate":
-            _migrate(settings)
+            _migrate(load_settings(), wait_s=args.wait)
             return 0
+        settings = _checked_settings()
         if not args.no_migrate:
             _migrate(settings)
         if args.reload:
@@ -61,17 +69,24 @@ def _checked_settings() -> Settings:
     return settings
 
 
-def _migrate(settings: Settings) -> None:
+def _migrate(settings: Settings, *, wait_s: float = 0) -> None:
+    """Apply migrations; with `wait_s`, retry while the database is still coming up."""
     from reasoning_agent import db
 
     url = settings.database_url.get_secret_value()
-    try:
-        db.migrate(url)
-    except Exception as exc:
-        raise ConfigError(
-            f"DATABASE_URL: cannot migrate {db.display_url(url)}: {exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            db.migrate(url)
+            return
+        except Exception as exc:
+            reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if time.monotonic() >= give_up:
+                raise ConfigError(
+                    f"DATABASE_URL: cannot migrate {db.display_url(url)}: {reason}"
+                ) from None
+            print(f"reasoning-agent: waiting for the database: {reason}", file=sys.stderr)
+            time.sleep(2)
 
 
 def _serve_reload(settings: Settings) -> None:

@@ -67,8 +67,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sane_together(self) -> Settings:
-        if self.api_keys is None and self.api_keys_file is None:
-            raise ValueError("API_KEYS or API_KEYS_FILE: no API key is configured")
         if self.workers > 1 and self.redis_url is None:
             raise ValueError(
                 f"WORKERS={self.workers} without REDIS_URL would give every worker its own "
