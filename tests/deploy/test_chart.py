@@ -1,0 +1,411 @@
+"""The Helm chart, rendered offline for every ci/*-values.yaml and checked object by object."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import (
+    CHART,
+    KUBE_VERSION,
+    app_deployment,
+    ci_values,
+    env_of,
+    find,
+    helm,
+    render,
+    render_error,
+    render_text,
+)
+from tests.support import REPO
+
+DEFAULT = CHART / "ci" / "default-values.yaml"
+EXISTING = CHART / "ci" / "existing-secret-values.yaml"
+EXTERNAL = CHART / "ci" / "external-values.yaml"
+CI_KEY = "ci-key-0123456789abcdef"
+CI_OPENAI = "sk-ci-not-a-real-key-0000"
+
+
+@pytest.mark.parametrize("values", ci_values(), ids=lambda p: p.name)
+def test_lint_and_every_object_is_valid_kubernetes(values: Path) -> None:
+    helm("lint", "--strict", str(CHART), "-f", str(values), "--kube-version", KUBE_VERSION)
+    docs = render(values)
+    assert docs
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:  # an unknown kind must not pass quietly
+            pytest.fail(f"no schema for {doc['apiVersion']} {doc['kind']}")
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {exc.path}")
+
+
+def test_the_ci_cases_cover_the_contract() -> None:
+    names = {p.name for p in ci_values()}
+    assert {"default-values.yaml", "existing-secret-values.yaml", "external-values.yaml"} <= names
+    external = app_deployment(render(EXTERNAL))
+    assert external["spec"]["replicas"] == 3
+
+
+def test_api_keys_are_mounted_from_the_secret_and_never_appear_in_clear_elsewhere() -> None:
+    text = render_text(DEFAULT)
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    secret = find(docs, "Secret", "ra-reasoning-agent")
+    assert base64.b64decode(secret["data"]["api-keys"]).decode() == f"ci:{CI_KEY}"
+    assert base64.b64decode(secret["data"]["openai-api-key"]).decode() == CI_OPENAI
+
+    pod = app_deployment(docs)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = env_of(container)
+    assert env["API_KEYS_FILE"]["value"] == "/etc/reasoning-agent/keys/api-keys"
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ra-reasoning-agent",
+        "key": "openai-api-key",
+        "optional": True,
+    }
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {
+        "secretName": "ra-reasoning-agent",
+        "items": [{"key": "api-keys", "path": "api-keys"}],
+    }
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": "/etc/reasoning-agent/keys", "readOnly": True}
+    assert "subPath" not in mount  # a subPath mount would never see a rotated key
+
+    others = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
+    for secret_text in (CI_KEY, CI_OPENAI):
+        assert secret_text not in others
+        assert base64.b64encode(secret_text.encode()).decode() not in others
+    configmap = find(docs, "ConfigMap", "ra-reasoning-agent")
+    assert not {"API_KEYS", "OPENAI_API_KEY", "DATABASE_URL", "REDIS_URL"} & set(configmap["data"])
+
+
+def test_database_and_redis_urls_with_passwords_stay_in_secrets() -> None:
+    docs = render(EXTERNAL)
+    others = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
+    for password in ("db-password-ci", "redis-password-ci"):
+        assert password not in others
+    env = env_of(app_deployment(docs)["spec"]["template"]["spec"]["containers"][0])
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ra-reasoning-agent",
+        "key": "database-url",
+    }
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ra-reasoning-agent",
+        "key": "redis-url",
+    }
+
+
+def test_the_sqlite_file_lives_on_the_pvc_at_data_and_one_pod_is_replaced_whole() -> None:
+    docs = render(DEFAULT)
+    deployment = app_deployment(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    pvc = find(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    container = pod["containers"][0]
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    assert env_of(container)["DATABASE_URL"]["value"] == "sqlite:////data/reasoning_agent.db"
+    assert pod["securityContext"]["fsGroup"] == 10001
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_an_existing_claim_is_used_instead_of_a_new_one() -> None:
+    docs = render(EXISTING)
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    pod = app_deployment(docs)["spec"]["template"]["spec"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == "reasoning-agent-data"
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [{"replicaCount": "2"}, {"autoscaling.enabled": "true"}],
+    ids=["two replicas", "autoscaling"],
+)
+def test_more_than_one_pod_on_sqlite_fails_the_render(sets: dict[str, str]) -> None:
+    error = render_error(DEFAULT, sets=sets)
+    assert "needs an external database" in error and "database.url" in error
+
+
+def test_other_impossible_settings_fail_the_render() -> None:
+    assert "secrets.apiKeys" in render_error(sets={})
+    assert (
+        "REDIS"
+        in render_error(DEFAULT, sets={"redis.enabled": "false", "config.workers": "2"}).upper()
+    )
+    assert "redis.enabled=false" in render_error(
+        DEFAULT, sets={"externalRedis.url": "redis://r:6379/0"}
+    )
+
+
+def test_an_external_database_allows_replicas_rollouts_hpa_pdb_and_runs_a_migration_hook() -> None:
+    docs = render(EXTERNAL, sets={"autoscaling.enabled": "true"})
+    deployment = app_deployment(docs)
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    assert (
+        find(docs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"]
+        == (deployment["metadata"]["name"])
+    )
+    assert find(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["serve", "--no-migrate"]
+
+    job = find(docs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    migrate = job["spec"]["template"]["spec"]["containers"][0]
+    assert migrate["args"][:2] == ["migrate", "--wait"]
+    ref = env_of(migrate)["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    hook_secret = find(docs, "Secret", ref["name"])
+    assert hook_secret["metadata"]["annotations"]["helm.sh/hook-weight"] == "-10"
+    assert int(job["metadata"]["annotations"]["helm.sh/hook-weight"]) > -10
+    assert job["spec"]["backoffLimit"] >= 0 and job["spec"]["activeDeadlineSeconds"] > 0
+
+
+def test_the_checksum_annotation_rolls_the_pods_when_a_key_changes() -> None:
+    def checksums(**sets: str) -> dict[str, str]:
+        annotations = app_deployment(render(DEFAULT, sets=sets))["spec"]["template"]["metadata"]
+        return annotations["annotations"]
+
+    before = checksums()
+    rotated = checksums(**{"secrets.apiKeys": "ci:another-key-0123456789abcd"})
+    reconfigured = checksums(**{"config.rateLimit": "10/minute"})
+    assert before["checksum/secret"] != rotated["checksum/secret"]
+    assert before["checksum/config"] == rotated["checksum/config"]
+    assert before["checksum/config"] != reconfigured["checksum/config"]
+    assert re.fullmatch(r"[0-9a-f]{64}", before["checksum/secret"])
+
+
+@pytest.mark.parametrize("values", ci_values(), ids=lambda p: p.name)
+def test_every_pod_runs_hardened(values: Path) -> None:
+    docs = render(values, sets={"autoscaling.enabled": "false"})
+    text = helm("template", "ra", str(CHART), "-f", str(values)).stdout
+    hooks = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "Pod"]
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+    pods += [d["spec"] for d in hooks]
+    assert pods
+    for pod in pods:
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def test_the_app_pod_has_probes_resources_and_a_grace_period_past_the_llm_deadline() -> None:
+    docs = render(DEFAULT, sets={"config.llmTimeoutS": "90"})
+    pod = app_deployment(docs)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert pod["terminationGracePeriodSeconds"] > 90
+    configmap = find(docs, "ConfigMap", "ra-reasoning-agent")
+    assert configmap["data"]["LLM_TIMEOUT_S"] == "90"
+    assert container["envFrom"] == [{"configMapRef": {"name": "ra-reasoning-agent"}}]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    service = find(docs, "Service", "ra-reasoning-agent")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    account = find(docs, "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+
+
+def test_redis_url_points_at_the_bundled_redis_service_with_its_password() -> None:
+    for release in ("ra", "my-redis-release"):
+        docs = render(DEFAULT, release=release)
+        redis_service = next(
+            d
+            for d in docs
+            if d["kind"] == "Service"
+            and d["metadata"]["labels"]["app.kubernetes.io/name"] == "redis"
+        )
+        redis_pod = next(
+            d
+            for d in docs
+            if d["kind"] == "Deployment"
+            and d["metadata"]["name"] == redis_service["metadata"]["name"]
+        )["spec"]["template"]["spec"]
+        redis_image = redis_pod["containers"][0]["image"]
+        assert redis_image.startswith("public.ecr.aws/docker/library/redis:")
+
+        env = env_of(app_deployment(docs)["spec"]["template"]["spec"]["containers"][0])
+        url = env["REDIS_URL"]["value"]
+        assert url == f"redis://:$(REDIS_PASSWORD)@{redis_service['metadata']['name']}:6379/0"
+        password_ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        redis_env = env_of(redis_pod["containers"][0])
+        assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == password_ref
+        secret = find(docs, "Secret", password_ref["name"])
+        assert len(base64.b64decode(secret["data"][password_ref["key"]])) >= 16
+        assert redis_service["spec"]["ports"][0]["port"] == 6379
+        selector = redis_service["spec"]["selector"]
+        assert all(redis_pod_labels(docs, redis_service)[k] == v for k, v in selector.items())
+
+
+def redis_pod_labels(docs: list[dict], service: dict) -> dict:
+    deployment = next(
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == service["metadata"]["name"]
+    )
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def test_redis_disabled_renders_no_redis() -> None:
+    docs = render(EXTERNAL)
+    assert not [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/name") == "redis"]
+
+
+def test_an_existing_secret_replaces_the_chart_secret_with_its_own_key_names() -> None:
+    docs = render(EXISTING)
+    assert not [d for d in docs if d["kind"] == "Secret" and "api-keys" in d.get("data", {})]
+    pod = app_deployment(docs)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {
+        "secretName": "reasoning-agent-keys",
+        "items": [{"key": "keys.txt", "path": "api-keys"}],
+    }
+    env = env_of(pod["containers"][0])
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "reasoning-agent-keys"
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "openai"
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        ({"replicaCount": "two"}, "replicaCount"),
+        ({"replicaCont": "2"}, "replicaCont"),
+        ({"persistence.enabled": "maybe"}, "persistence"),
+        ({"config.workers": "0"}, "workers"),
+        ({"config.logLevel": "LOUD"}, "logLevel"),
+        ({"service.port": "http"}, "port"),
+        ({"database.url": "mysql://x/y"}, "url"),
+    ],
+)
+def test_the_values_schema_rejects_wrong_types_and_misspelled_keys(
+    sets: dict[str, str], complaint: str
+) -> None:
+    error = render_error(DEFAULT, sets=sets)
+    assert "schema" in error.lower() or "want" in error or "not allowed" in error
+    assert complaint in error
+
+
+def undocumented_values(lines: list[str]) -> list[str]:
+    """Keys with no `# --` comment above them, except parents of other keys and the keys
+    inside a documented structured value (such as `resources.requests.cpu`)."""
+    missing = []
+    ancestors: list[tuple[int, bool]] = []  # (indent, documented)
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):(.*)$", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        while ancestors and ancestors[-1][0] >= indent:
+            ancestors.pop()
+        if any(documented for _, documented in ancestors):
+            continue
+        comments = []
+        for above in reversed(lines[:number]):
+            if not above.strip().startswith("#"):
+                break
+            comments.append(above.strip())
+        documented = any(c.startswith("# --") for c in comments)
+        following = next(
+            (n for n in lines[number + 1 :] if n.strip() and not n.strip().startswith("#")), ""
+        )
+        is_parent = (
+            match.group(3).strip() == "" and len(following) - len(following.lstrip()) > indent
+        )
+        if documented or is_parent:
+            ancestors.append((indent, documented))
+        else:
+            missing.append(line.strip())
+    return missing
+
+
+@pytest.mark.parametrize("chart", [CHART, CHART / "charts" / "redis"], ids=["app", "redis"])
+def test_every_value_has_a_doc_comment(chart: Path) -> None:
+    assert undocumented_values((chart / "values.yaml").read_text().splitlines()) == []
+    assert undocumented_values(["a:", "  b: 1"]) == ["b: 1"]  # the check itself can fail
+
+
+def test_the_contract_value_names_exist() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for dotted in (
+        "replicaCount image.repository image.tag secrets.apiKeys secrets.openaiApiKey "
+        "existingSecret persistence.enabled persistence.size persistence.existingClaim "
+        "redis.enabled externalRedis.url database.url config.rateLimit config.llmProvider "
+        "config.openaiModel config.openaiBaseUrl"
+    ).split():
+        node = values
+        for part in dotted.split("."):
+            assert isinstance(node, dict) and part in node, dotted
+            node = node[part]
+
+
+def test_notes_print_working_port_forward_and_curl_commands() -> None:
+    result = helm("install", "ra", str(CHART), "--dry-run=client", "-f", str(DEFAULT))
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "kubectl port-forward --namespace default svc/ra-reasoning-agent 8000:8000" in notes
+    assert 'curl -s localhost:8000/task -H "X-API-Key: $API_KEY"' in notes
+    assert "helm test --namespace default ra" in notes
+
+    # Run the key-reading pipeline from the notes on the Secret's real data, as kubectl would give it.
+    pipeline = re.search(r"jsonpath='\{\.data\.([^}]+)\}' \| (.+)\)$", notes, re.MULTILINE)
+    assert pipeline, notes
+    secret = find(
+        render(DEFAULT, sets={"secrets.apiKeys": f"first:{CI_KEY}\\,second:x" + "y" * 20}),
+        "Secret",
+        "ra-reasoning-agent",
+    )
+    encoded = secret["data"][pipeline.group(1).replace("\\.", ".")]
+    key = subprocess.run(
+        ["bash", "-c", pipeline.group(2)], input=encoded, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert key == CI_KEY
+
+
+def test_helm_test_pod_calls_healthz_with_a_key_from_the_secret() -> None:
+    text = helm("template", "ra", str(CHART), "-f", str(DEFAULT)).stdout
+    pod = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["args"][0]
+    assert "http://ra-reasoning-agent:8000/healthz" in script
+    assert "sys.exit(0 if response.status == 200 else 1)" in script
+    assert pod["spec"]["volumes"][0]["secret"]["secretName"] == "ra-reasoning-agent"
+    compile(script, "helm-test", "exec")  # the script is valid Python
+
+
+def test_k8s_manifests_are_the_chart_rendered_with_the_kind_values() -> None:
+    rendered = helm(
+        "template",
+        "reasoning-agent",
+        str(CHART),
+        "-f",
+        str(REPO / "k8s" / "kind-values.yaml"),
+        "--kube-version",
+        KUBE_VERSION,
+        "--skip-tests",
+    ).stdout
+    committed = (REPO / "k8s" / "reasoning-agent.yaml").read_text()
+    header, _, body = committed.partition("\n---\n")
+    assert header.startswith("# Generated by `make manifests`")
+    assert body.strip() == rendered.split("---\n", 1)[1].strip(), "run `make manifests`"
+    json.dumps([d for d in yaml.safe_load_all(body) if d])  # parses
