@@ -14,6 +14,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --no-compile -r /tmp/requirements.txt
 COPY service/ service/
 RUN pip install --no-compile --no-deps . \
+ && pip uninstall --yes --quiet pip \
  && python -m compileall -q -j 0 /opt/venv /src/service
 
 FROM ${PYTHON_IMAGE}

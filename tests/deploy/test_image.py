@@ -1,0 +1,225 @@
+"""The image, built and run for real: read-only root, uid 10001, data only on the /data volume.
+
+No registry is reachable here, so when `python:3.12-slim` is absent a stand-in is made from
+Debian with debootstrap (as root) and imported under that name. Docker runs with host
+networking only, and every server binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.deploy.conftest import run, tool
+from tests.support import ALICE, REPO, free_port
+
+BASE_IMAGE = "python:3.12-slim"
+IMAGE = "reasoning-agent:test"
+
+
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(tool("docker"), *args, check=check, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[None]:
+    """A Docker engine: the running one, or one this module starts and stops."""
+    tool("docker")
+    if docker("info", check=False).returncode == 0:
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no Docker engine runs, and starting one needs root")
+    dockerd = tool("dockerd")
+    workdir = Path(tempfile.mkdtemp(prefix="dockerd-"))
+    log = (workdir / "dockerd.log").open("wb")
+    process = subprocess.Popen(
+        [
+            dockerd,
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--pidfile",
+            str(workdir / "dockerd.pid"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while docker("info", check=False).returncode != 0:
+        if time.monotonic() > deadline or process.poll() is not None:
+            pytest.fail(f"dockerd did not start:\n{(workdir / 'dockerd.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield
+    process.terminate()
+    process.wait(timeout=60)
+    log.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stand_in_base_image() -> None:
+    """Import a Debian rootfs with Python as python:3.12-slim (the official one is Debian too)."""
+    debootstrap = tool("debootstrap")
+    rootfs = Path(tempfile.mkdtemp(prefix="rootfs-"))
+    try:
+        run(
+            debootstrap,
+            "--variant=minbase",
+            "--include=python3,python3-venv,python3-pip,ca-certificates",
+            "trixie",
+            str(rootfs),
+        )
+        for name in ("python", "python3", "pip", "pip3"):
+            target = "/usr/bin/python3" if name.startswith("python") else "/usr/bin/pip3"
+            link = rootfs / "usr/local/bin" / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
+        for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+            marker.unlink()
+        # This machine's package traffic is TLS-intercepted: trust its CAs inside the stand-in.
+        for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
+            shutil.copy(cert, rootfs / "usr/local/share/ca-certificates" / cert.name)
+        run("chroot", str(rootfs), "update-ca-certificates")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            [
+                tool("docker"),
+                "import",
+                "-c",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "-c",
+                "ENV LANG=C.UTF-8",
+                "-",
+                BASE_IMAGE,
+            ],
+            stdin=tar.stdout,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        tar.wait(timeout=60)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def image(engine: None) -> Iterator[dict]:
+    if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
+        stand_in_base_image()
+    started = time.monotonic()
+    docker("build", "--network", "host", "--tag", IMAGE, str(REPO))
+    built_s = time.monotonic() - started
+    info = json.loads(docker("image", "inspect", IMAGE).stdout)[0]
+    base = json.loads(docker("image", "inspect", BASE_IMAGE).stdout)[0]
+    info["AddedSize"] = info["Size"] - base["Size"]
+    print(
+        f"\nimage {IMAGE}: {info['Size'] / 1e6:.1f} MB, of which {info['AddedSize'] / 1e6:.1f} MB "
+        f"on top of {BASE_IMAGE}; built in {built_s:.0f} s"
+    )
+    yield info
+
+
+class Container:
+    """`docker run` the image as the chart runs it: read-only, uid 10001, tmpfs /tmp, /data volume."""
+
+    def __init__(self, volume: str) -> None:
+        self.volume = volume
+        self.port = free_port()
+        self.name = f"ra-test-{uuid.uuid4().hex[:8]}"
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Container:
+        docker(
+            "run",
+            "--detach",
+            "--name",
+            self.name,
+            "--network",
+            "host",
+            "--read-only",
+            "--user",
+            "10001",
+            "--tmpfs",
+            "/tmp",
+            "--volume",
+            f"{self.volume}:/data",
+            "--env",
+            "HOST=127.0.0.1",
+            "--env",
+            f"PORT={self.port}",
+            "--env",
+            f"API_KEYS=alice:{ALICE}",
+            "--env",
+            "LLM_PROVIDER=mock",
+            IMAGE,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"container never became ready:\n{self.logs()}")
+            time.sleep(0.3)
+
+    def logs(self) -> str:
+        result = docker("logs", self.name, check=False)
+        return result.stdout + result.stderr
+
+    def remove(self) -> None:
+        docker("rm", "--force", self.name, check=False)
+
+
+def test_the_image_runs_read_only_as_10001_and_keeps_tasks_on_its_volume(image: dict) -> None:
+    assert image["Config"]["User"] == "10001:10001"
+    assert image["Config"]["Entrypoint"] == ["reasoning-agent"]
+    assert image["Config"]["Cmd"] == ["serve"]
+    assert "8000/tcp" in image["Config"]["ExposedPorts"]
+    assert image["AddedSize"] < 150e6, f"the image adds {image['AddedSize'] / 1e6:.0f} MB"
+
+    volume = f"ra-test-{uuid.uuid4().hex[:8]}"
+    docker("volume", "create", volume)
+    first = Container(volume)
+    try:
+        started = time.monotonic()
+        first.start()
+        print(f"container ready in {time.monotonic() - started:.1f} s")
+        headers = {"X-API-Key": ALICE}
+        health = httpx.get(f"{first.base_url}/healthz", headers=headers)
+        assert health.status_code == 200, health.text
+        assert health.json()["checks"]["database"] == "ok"
+        task = httpx.post(
+            f"{first.base_url}/task", json={"prompt": "in a container"}, headers=headers
+        )
+        assert task.status_code == 200, task.text
+        assert task.json()["answer"].startswith("[mock answer")
+        whoami = docker("exec", first.name, "python", "-c", "import os; print(os.getuid())")
+        assert whoami.stdout.strip() == "10001"
+        write = docker("exec", first.name, "python", "-c", "open('/app/x', 'w')", check=False)
+        assert write.returncode != 0 and "Read-only file system" in write.stderr
+        compilers = docker("exec", first.name, "sh", "-c", "command -v gcc cc", check=False)
+        assert compilers.stdout.strip() == ""
+        first.remove()
+
+        second = Container(volume).start()
+        try:
+            items = httpx.get(f"{second.base_url}/query", headers=headers).json()["items"]
+            assert [t["id"] for t in items] == [task.json()["id"]]
+        finally:
+            second.remove()
+    finally:
+        first.remove()
+        docker("volume", "rm", "--force", volume, check=False)
