@@ -170,3 +170,39 @@ class Service:
 
 def which(tool: str) -> str | None:
     return shutil.which(tool)
+
+
+def worker_pids(service: Service, route: str = "/task") -> set[int]:
+    """The pids of the workers that logged an access line for `route`."""
+    import json
+
+    return {
+        json.loads(line)["pid"]
+        for line in service.logs().splitlines()
+        if f'"route": "{route}"' in line
+    }
+
+
+def post_over_both_workers(
+    service: Service, *, at_least: int, keys: tuple[str, ...] = (ALICE,), batch: int = 20
+) -> list[httpx.Response]:
+    """POST /task at least `at_least` times, each on its own connection and `batch` at once,
+    until both workers have answered some (bounded at 30 batches)."""
+
+    async def one(i: int) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=30) as client:
+            return await client.post(
+                "/task",
+                json={"prompt": f"spread {i}"},
+                headers={"X-API-Key": keys[i % len(keys)]},
+            )
+
+    async def burst(start: int) -> list[httpx.Response]:
+        return list(await asyncio.gather(*(one(start + i) for i in range(batch))))
+
+    responses: list[httpx.Response] = []
+    for _ in range(30):
+        responses += asyncio.run(burst(len(responses)))
+        if len(responses) >= at_least and len(worker_pids(service)) == 2:
+            return responses
+    raise AssertionError(f"only workers {worker_pids(service)} answered {len(responses)} requests")

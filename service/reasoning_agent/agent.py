@@ -15,6 +15,7 @@ from reasoning_agent.llm import (
     NotConfigured,
     UpstreamError,
 )
+from reasoning_agent.telemetry import span
 
 __all__ = ["ReasoningAgent"]
 
@@ -64,8 +65,12 @@ class ReasoningAgent:
         )
         deadline = time.monotonic() + self.timeout_s
         try:
-            async with asyncio.timeout(self.timeout_s + _GUARD_S):
-                return await self.provider.complete(request, deadline=deadline)
+            with span("agent.run") as current:
+                if current.is_recording():
+                    current.set_attribute("gen_ai.provider.name", self.provider.name)
+                    current.set_attribute("gen_ai.request.model", request.model)
+                async with asyncio.timeout(self.timeout_s + _GUARD_S):
+                    return await self.provider.complete(request, deadline=deadline)
         except LLMError:
             raise
         except TimeoutError:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from reasoning_agent import __version__, db, logs
+from reasoning_agent import __version__, db, logs, telemetry
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.api.deps import Services
 from reasoning_agent.api.routes import router
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = db.create_engine(settings.database_url.get_secret_value())
+        telemetry.instrument_engine(engine)
         limiter = RateLimiter(
             redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None
         )
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "provider": provider.name,
                 "database": db.display_url(settings.database_url.get_secret_value()),
                 "shared_limits": limiter.shared,
+                "tracing": tracing,
             },
         )
         try:
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await provider.aclose()
             await engine.dispose()
+            telemetry.shutdown_tracing()
 
     app = FastAPI(
         title="reasoning-agent",
@@ -90,4 +93,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.include_router(router)
+    tracing = telemetry.setup_tracing(app)
     return app

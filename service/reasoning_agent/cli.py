@@ -58,9 +58,13 @@ def _checked_settings() -> Settings:
     """Settings plus the checks that need more than the environment: key files, provider names."""
     from reasoning_agent.keys import KeyRing
     from reasoning_agent.llm import provider_names
+    from reasoning_agent.telemetry import check_tracing_config
 
     settings = load_settings()
     KeyRing.from_settings(settings)
+    check_tracing_config()
+    if settings.metrics_port is not None and settings.metrics_port == settings.port:
+        raise ConfigError("METRICS_PORT: must differ from PORT")
     if settings.llm_provider not in provider_names():
         raise ConfigError(
             f"LLM_PROVIDER: unknown provider {settings.llm_provider!r}; "
@@ -106,6 +110,15 @@ def _serve_reload(settings: Settings) -> None:
     )
 
 
+def _serve_metrics(host: str, port: int) -> None:
+    """The metrics text, without a key, on its own port (for in-cluster scraping)."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
+
+
 def _serve_gunicorn(settings: Settings) -> None:
     # Workers share one metrics directory; it must be set before prometheus_client is imported.
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -125,6 +138,10 @@ def _serve_gunicorn(settings: Settings) -> None:
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
+    def when_ready(_server: Any) -> None:
+        if settings.metrics_port is not None:
+            _serve_metrics(settings.host, settings.metrics_port)
+
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     options: dict[str, Any] = {
         "bind": f"{host}:{settings.port}",
@@ -137,6 +154,7 @@ def _serve_gunicorn(settings: Settings) -> None:
         "logconfig_dict": logging_config(settings.log_level),
         "control_socket_disable": True,
         "child_exit": child_exit,
+        "when_ready": when_ready,
         "proc_name": "reasoning-agent",
     }
 

@@ -135,6 +135,9 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+    from reasoning_agent import metrics
+
+    metrics.DATABASE_ERRORS.inc()
     log.error("database error: %s", exc.__class__.__name__)
     return error_response(503, "database_unavailable", "the database is not reachable now")
 

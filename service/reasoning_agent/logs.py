@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import re
 from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any
 
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 __all__ = [
@@ -21,15 +23,28 @@ __all__ = [
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 _REDACTED = "[REDACTED]"
+# A header or field that holds a credential, however it was logged: `'x-api-key': 'v'`,
+# `"authorization": "Bearer v"`, `api_key=v` (quotes escaped or not, as JSON lines show them).
+_SECRET_FIELD = re.compile(
+    r"""((?:x-api-key|authorization|api[_-]?key|openai_api_key|password)\\?["']?\s*[:=]\s*\\?["']?)"""
+    r"""((?:bearer\s+)?[^"'\\\s,}]+)""",
+    re.IGNORECASE,
+)
 _secrets: tuple[str, ...] = ()
 
 
 class _RequestIdFilter(logging.Filter):
+    """Tags each line with its request id and, when tracing, the trace and span ids."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.__dict__.pop("color_message", None)  # uvicorn's ANSI-coloured copy of the message
         rid = request_id.get()
         if rid is not None:
             record.request_id = rid
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
         return True
 
 
@@ -41,7 +56,7 @@ class RedactingJsonFormatter(JsonFormatter):
         for secret in _secrets:
             if secret in line:
                 line = line.replace(secret, _REDACTED)
-        return line
+        return _SECRET_FIELD.sub(rf"\g<1>{_REDACTED}", line)
 
 
 def logging_config(level: str) -> dict[str, Any]:

@@ -15,13 +15,21 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "AUTH_FAILURES",
     "CONTENT_TYPE_LATEST",
+    "DATABASE_ERRORS",
     "HTTP_IN_FLIGHT",
     "HTTP_REQUESTS",
     "HTTP_REQUEST_SECONDS",
     "LLM_ATTEMPTS",
+    "LLM_CALLS",
+    "LLM_SECONDS",
+    "OVERHEAD_SECONDS",
     "RATE_LIMITED",
+    "RATE_LIMIT_STORE_ERRORS",
     "TASKS",
+    "TOKENS",
+    "model_label",
     "render",
 ]
 
@@ -46,6 +54,48 @@ LLM_ATTEMPTS = Counter(
     f"{_PREFIX}_llm_attempts", "Calls made to an LLM provider.", ["provider", "model", "outcome"]
 )
 RATE_LIMITED = Counter(f"{_PREFIX}_rate_limited", "Requests refused with 429.", ["key", "scope"])
+LLM_CALLS = Counter(
+    f"{_PREFIX}_llm_calls",
+    "Tasks sent to an LLM provider, by how the call (all its attempts) ended.",
+    ["provider", "model", "outcome"],
+)
+LLM_SECONDS = Histogram(
+    f"{_PREFIX}_llm_call_duration_seconds",
+    "Time from the first attempt to the answer or the last failure.",
+    ["provider", "model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+)
+TOKENS = Counter(f"{_PREFIX}_llm_tokens", "Tokens used, per API key name.", ["key", "direction"])
+OVERHEAD_SECONDS = Histogram(
+    f"{_PREFIX}_overhead_seconds",
+    "Time this service added to a request on top of its LLM call.",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0),
+)
+RATE_LIMIT_STORE_ERRORS = Counter(
+    f"{_PREFIX}_rate_limit_store_errors",
+    "Limit decisions made in-process because the shared store (Redis) failed.",
+)
+DATABASE_ERRORS = Counter(
+    f"{_PREFIX}_database_errors", "Requests answered 503 because the database failed."
+)
+AUTH_FAILURES = Counter(
+    f"{_PREFIX}_auth_failures", "Requests refused with 401 (missing or unknown key)."
+)
+
+
+_MODELS_TRACKED = 50
+_models_seen: set[str] = set()
+
+
+def model_label(model: str) -> str:
+    """The model as a label, bounded: callers choose models, and labels must not grow forever."""
+    if model in _models_seen:
+        return model
+    if len(_models_seen) < _MODELS_TRACKED and len(model) <= 100:
+        _models_seen.add(model)
+        return model
+    return "other"
 
 
 def render() -> bytes:

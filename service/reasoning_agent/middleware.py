@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reasoning_agent import logs, metrics
 from reasoning_agent.errors import PayloadTooLarge, Unauthorized, error_response
 from reasoning_agent.keys import KeyRing
+from reasoning_agent.telemetry import span
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware", "RequestContextMiddleware"]
 
@@ -70,7 +71,11 @@ class RequestContextMiddleware:
             method = scope["method"]
             metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
             metrics.HTTP_REQUEST_SECONDS.labels(method, template).observe(elapsed)
-            caller = scope.get("state", {}).get("api_key")
+            state = scope.get("state", {})
+            llm_seconds = state.get("llm_seconds")
+            if llm_seconds is not None:  # what this service added on top of the LLM call
+                metrics.OVERHEAD_SECONDS.labels(template).observe(max(0.0, elapsed - llm_seconds))
+            caller = state.get("api_key")
             log.info(
                 "request",
                 extra={
@@ -94,8 +99,14 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             presented = Headers(scope=scope).get("x-api-key")
-            caller = self.keyring.authenticate(presented)
+            with span("authenticate") as current:
+                caller = self.keyring.authenticate(presented)
+                if current.is_recording():
+                    current.set_attribute("reasoning_agent.authenticated", caller is not None)
+                    if caller is not None:
+                        current.set_attribute("reasoning_agent.key", caller.name)
             if caller is None:
+                metrics.AUTH_FAILURES.inc()
                 await Unauthorized().response()(scope, receive, send)
                 return
             scope.setdefault("state", {})["api_key"] = caller

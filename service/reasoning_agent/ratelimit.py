@@ -11,6 +11,8 @@ from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
+from reasoning_agent import metrics
+
 __all__ = ["Decision", "RateLimiter"]
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class RateLimiter:
         except Exception as exc:
             if self._shared is None:
                 raise
+            metrics.RATE_LIMIT_STORE_ERRORS.inc()
             if not self._store_failing:
                 log.error("rate-limit store unreachable, limiting in-process: %s", exc)
                 self._store_failing = True

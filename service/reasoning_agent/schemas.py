@@ -73,6 +73,7 @@ class TaskOut(BaseModel):
     created_at: datetime
     completed_at: datetime | None
     error: str | None
+    trace_id: str | None
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
@@ -100,6 +101,7 @@ class TaskOut(BaseModel):
             created_at=task.created_at,
             completed_at=task.completed_at,
             error=task.error,
+            trace_id=task.trace_id,
         )
 
 

@@ -54,6 +54,7 @@ async def create_pending(
     model: str,
     digest: str,
     idempotency_key: str | None,
+    trace_id: str | None = None,
 ) -> tuple[Task, bool]:
     """Store the task as pending and commit; with a known Idempotency-Key, return the earlier one."""
     if idempotency_key is not None:
@@ -73,6 +74,7 @@ async def create_pending(
         max_tokens=body.max_tokens,
         metadata_=dict(body.metadata),
         attempts=0,
+        trace_id=trace_id,
         created_at=datetime.now(UTC),
     )
     session.add(task)

@@ -17,6 +17,7 @@ from reasoning_agent.config import Settings
 from reasoning_agent.errors import RateLimited, Unauthorized
 from reasoning_agent.keys import ApiKey
 from reasoning_agent.ratelimit import Decision, RateLimiter
+from reasoning_agent.telemetry import span
 
 __all__ = [
     "AgentDep",
@@ -86,7 +87,13 @@ async def _limit(
     caller: ApiKey,
     response: Response,
 ) -> Decision:
-    decision = await services.limiter.hit(scope, caller.name, items)
+    with span("rate_limit") as current:
+        decision = await services.limiter.hit(scope, caller.name, items)
+        if current.is_recording():
+            current.set_attribute("reasoning_agent.rate_limit.scope", scope)
+            current.set_attribute("reasoning_agent.rate_limit.allowed", decision.allowed)
+            current.set_attribute("reasoning_agent.rate_limit.remaining", decision.remaining)
+            current.set_attribute("reasoning_agent.key", caller.name)
     if not decision.allowed:
         metrics.RATE_LIMITED.labels(caller.name, scope).inc()
         raise RateLimited(

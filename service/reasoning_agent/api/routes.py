@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from reasoning_agent import llm, metrics, tasks
@@ -33,6 +33,7 @@ from reasoning_agent.errors import (
 )
 from reasoning_agent.models import Task, TaskStatus
 from reasoning_agent.schemas import HealthOut, TaskIn, TaskList, TaskOut
+from reasoning_agent.telemetry import current_trace_id
 
 __all__ = ["router"]
 
@@ -54,6 +55,7 @@ IdempotencyKey = Annotated[
 
 @router.post("/task", response_model=TaskOut, summary="Answer a prompt and store the task")
 async def submit_task(
+    request: Request,
     body: TaskIn,
     caller: ApiKeyDep,
     _: TaskLimitDep,
@@ -78,11 +80,13 @@ async def submit_task(
         model=model,
         digest=digest,
         idempotency_key=idempotency_key,
+        trace_id=current_trace_id(request.headers),
     )
     if not created:
         return _replay(task, digest)
 
     started = time.monotonic()
+    provider = agent.provider.name
     try:
         result = await agent.run(
             body.prompt,
@@ -93,6 +97,7 @@ async def submit_task(
         )
     except llm.LLMError as exc:
         error = _LLM_ERRORS.get(type(exc), BadGateway)
+        _observe_llm(request, provider, model, error.type, started)
         await tasks.mark_failed(
             session,
             task,
@@ -115,9 +120,21 @@ async def submit_task(
             )
         )
         raise
+    _observe_llm(request, provider, model, "ok", started)
+    metrics.TOKENS.labels(caller.name, "input").inc(result.prompt_tokens or 0)
+    metrics.TOKENS.labels(caller.name, "output").inc(result.completion_tokens or 0)
     await tasks.mark_completed(session, task, result, latency_ms=_ms_since(started))
     metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
     return TaskOut.of(task)
+
+
+def _observe_llm(request: Request, provider: str, model: str, outcome: str, started: float) -> None:
+    """Count the call, and leave its duration for the middleware's overhead histogram."""
+    seconds = time.monotonic() - started
+    request.state.llm_seconds = seconds
+    label = metrics.model_label(model)
+    metrics.LLM_CALLS.labels(provider, label, outcome).inc()
+    metrics.LLM_SECONDS.labels(provider, label).observe(seconds)
 
 
 def _replay(task: Task, digest: str) -> TaskOut:

@@ -8,13 +8,18 @@ A separate package adds a provider by declaring, in its own pyproject.toml::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
+from opentelemetry.trace import Span, SpanKind
+
 from reasoning_agent.config import ConfigError, Settings
+from reasoning_agent.telemetry import capture_content, span
 
 __all__ = [
     "DeadlineExceeded",
@@ -24,8 +29,10 @@ __all__ = [
     "LLMResult",
     "NotConfigured",
     "UpstreamError",
+    "attempt_span",
     "load_provider",
     "provider_names",
+    "record_result",
 ]
 
 ENTRY_POINT_GROUP = "reasoning_agent.providers"
@@ -98,6 +105,40 @@ class LLMProvider(Protocol):
 
 
 ProviderFactory = Callable[[Settings], LLMProvider]
+
+
+@contextmanager
+def attempt_span(provider: str, request: LLMRequest, attempt: int) -> Iterator[Span]:
+    """One span per call to the model, with the OpenTelemetry GenAI attributes."""
+    with span(f"chat {request.model}", kind=SpanKind.CLIENT) as current:
+        if current.is_recording():
+            current.set_attribute("gen_ai.operation.name", "chat")
+            current.set_attribute("gen_ai.provider.name", provider)
+            current.set_attribute("gen_ai.request.model", request.model)
+            current.set_attribute("reasoning_agent.llm.attempt", attempt)
+            if request.temperature is not None:
+                current.set_attribute("gen_ai.request.temperature", request.temperature)
+            if request.max_tokens is not None:
+                current.set_attribute("gen_ai.request.max_tokens", request.max_tokens)
+            if capture_content():
+                current.set_attribute("gen_ai.input.messages", json.dumps(request.messages))
+        yield current
+
+
+def record_result(current: Span, result: LLMResult) -> None:
+    """Put the answer's model and token counts (and text, if captured) on an attempt span."""
+    if not current.is_recording():
+        return
+    current.set_attribute("gen_ai.response.model", result.model)
+    current.set_attribute("reasoning_agent.llm.outcome", "ok")
+    if result.prompt_tokens is not None:
+        current.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
+    if result.completion_tokens is not None:
+        current.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+    if capture_content():
+        current.set_attribute(
+            "gen_ai.output.messages", json.dumps([{"role": "assistant", "content": result.answer}])
+        )
 
 
 def _factories() -> dict[str, str | ProviderFactory]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from reasoning_agent.config import Settings
-from reasoning_agent.llm import LLMRequest, LLMResult
+from reasoning_agent.llm import LLMRequest, LLMResult, attempt_span, record_result
 
 __all__ = ["MockProvider", "from_settings"]
 
@@ -20,6 +20,12 @@ class MockProvider:
         return None
 
     async def complete(self, request: LLMRequest, *, deadline: float) -> LLMResult:
+        with attempt_span(self.name, request, 1) as current:
+            result = self._answer(request)
+            record_result(current, result)
+            return result
+
+    def _answer(self, request: LLMRequest) -> LLMResult:
         prompt = request.messages[-1]["content"]
         digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12]
         words = prompt.split()

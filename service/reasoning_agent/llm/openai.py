@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
 
 import openai
 from tenacity import (
@@ -19,13 +20,22 @@ from tenacity.stop import stop_base
 
 from reasoning_agent import metrics
 from reasoning_agent.config import Settings
-from reasoning_agent.llm import DeadlineExceeded, LLMRequest, LLMResult, UpstreamError
+from reasoning_agent.llm import (
+    DeadlineExceeded,
+    LLMRequest,
+    LLMResult,
+    UpstreamError,
+    attempt_span,
+    record_result,
+)
+from reasoning_agent.telemetry import inject_headers
 
 __all__ = ["OpenAIProvider", "from_settings"]
 
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_AFTER_S = 60.0
+T = TypeVar("T")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -52,9 +62,15 @@ def _retry_after(exc: BaseException | None) -> float | None:
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
 
 
+def _given(value: T | None) -> T | openai.Omit:
+    return openai.omit if value is None else value
+
+
 def _outcome(exc: BaseException | None) -> str:
     if exc is None:
         return "ok"
+    if isinstance(exc, UpstreamError):
+        return "no_answer"
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
     if isinstance(exc, openai.APITimeoutError):
@@ -68,7 +84,7 @@ class _Wait:
     """Honour Retry-After when the upstream sends it, else exponential backoff with jitter."""
 
     def __init__(self) -> None:
-        self._backoff = wait_exponential_jitter(initial=0.5, max=8.0, jitter=0.5)
+        self._backoff = wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5)
 
     def __call__(self, state: RetryCallState) -> float:
         asked = _retry_after(state.outcome.exception() if state.outcome else None)
@@ -132,43 +148,52 @@ class OpenAIProvider:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(message="deadline reached before the call", attempts=number - 1)
+        assert self._client is not None
         started = time.monotonic()
         error: BaseException | None = None
-        try:
-            response = await self._client.chat.completions.create(  # type: ignore[union-attr]
-                model=request.model,
-                messages=request.messages,  # type: ignore[arg-type]
-                temperature=request.temperature if request.temperature is not None else openai.omit,
-                max_tokens=request.max_tokens if request.max_tokens is not None else openai.omit,
-                timeout=remaining,
+        with attempt_span(self.name, request, number) as current:
+            try:
+                response = await self._client.chat.completions.create(
+                    model=request.model,
+                    messages=request.messages,  # type: ignore[arg-type]
+                    temperature=_given(request.temperature),
+                    max_tokens=_given(request.max_tokens),
+                    timeout=remaining,
+                    extra_headers=inject_headers(),  # the upstream continues this trace
+                )
+                if not response.choices or response.choices[0].message.content is None:
+                    raise UpstreamError(message="upstream returned no answer", attempts=number)
+            except BaseException as exc:
+                error = exc
+                if current.is_recording():
+                    current.set_attribute("reasoning_agent.llm.outcome", _outcome(exc))
+                raise
+            finally:
+                elapsed = time.monotonic() - started
+                outcome = _outcome(error)
+                metrics.LLM_ATTEMPTS.labels(
+                    self.name, metrics.model_label(request.model), outcome
+                ).inc()
+                log.info(
+                    "llm attempt",
+                    extra={
+                        "provider": self.name,
+                        "model": request.model,
+                        "attempt": number,
+                        "outcome": outcome,
+                        "duration_ms": round(elapsed * 1000, 1),
+                    },
+                )
+            usage = response.usage
+            result = LLMResult(
+                answer=response.choices[0].message.content,
+                model=response.model or request.model,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                attempts=number,
             )
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-            outcome = _outcome(error)
-            metrics.LLM_ATTEMPTS.labels(self.name, request.model, outcome).inc()
-            log.info(
-                "llm attempt",
-                extra={
-                    "provider": self.name,
-                    "model": request.model,
-                    "attempt": number,
-                    "outcome": outcome,
-                    "duration_ms": elapsed_ms,
-                },
-            )
-        if not response.choices or response.choices[0].message.content is None:
-            raise UpstreamError(message="upstream returned no answer", attempts=number)
-        usage = response.usage
-        return LLMResult(
-            answer=response.choices[0].message.content,
-            model=response.model or request.model,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            attempts=number,
-        )
+            record_result(current, result)
+            return result
 
     async def aclose(self) -> None:
         if self._client is not None:
