@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install tools run test lint migrate manifests clean
+.PHONY: install tools run test lint migrate manifests dashboard clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ manifests: tools
 	   echo '# Apply with: kubectl apply -f k8s/reasoning-agent.yaml'; \
 	   .tools/bin/helm template reasoning-agent charts/reasoning-agent -f k8s/kind-values.yaml \
 	     --kube-version 1.35.0 --skip-tests; } > k8s/reasoning-agent.yaml
+
+# Render the Grafana dashboard's panels from a one-minute local run (needs the local Redis).
+dashboard: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) bench/dashboard.py
 
 test: install tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
