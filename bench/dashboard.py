@@ -145,7 +145,7 @@ def panels_data(scrapes: list[Scrape]) -> dict[int, dict[str, list[float]]]:
     )
     total = requests.get("all", [])
     ratio = [
-        e / t if t else 0.0 for e, t in zip(server_errors.get("all", [0.0] * len(total)), total)
+        e / t if t else 0.0 for e, t in zip(server_errors.get("all", [0.0] * len(total)), total, strict=False)
     ]
     attempts = series_rate(scrapes, f"{P}llm_attempts_total", ()).get("all", [])
     calls = series_rate(scrapes, f"{P}llm_calls_total", ()).get("all", [])
@@ -172,7 +172,7 @@ def panels_data(scrapes: list[Scrape]) -> dict[int, dict[str, list[float]]]:
         7: quantiles(f"{P}http_request_duration_seconds", task),
         8: quantiles(f"{P}overhead_seconds", task),
         9: series_rate(scrapes, f"{P}llm_attempts_total", ("outcome",)),
-        10: {"retries": [a - c for a, c in zip(attempts, calls)]},
+        10: {"retries": [a - c for a, c in zip(attempts, calls, strict=False)]},
         11: quantiles(f"{P}llm_call_duration_seconds", qs=(0.5, 0.95)),
         12: series_rate(scrapes, f"{P}llm_tokens_total", ("key", "direction")),
         13: series_rate(scrapes, f"{P}tasks_total", ("status",)),
