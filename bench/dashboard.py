@@ -145,7 +145,8 @@ def panels_data(scrapes: list[Scrape]) -> dict[int, dict[str, list[float]]]:
     )
     total = requests.get("all", [])
     ratio = [
-        e / t if t else 0.0 for e, t in zip(server_errors.get("all", [0.0] * len(total)), total, strict=False)
+        e / t if t else 0.0
+        for e, t in zip(server_errors.get("all", [0.0] * len(total)), total, strict=False)
     ]
     attempts = series_rate(scrapes, f"{P}llm_attempts_total", ()).get("all", [])
     calls = series_rate(scrapes, f"{P}llm_calls_total", ()).get("all", [])
