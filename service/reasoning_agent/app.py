@@ -53,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = db.create_engine(settings.database_url.get_secret_value())
         telemetry.instrument_engine(engine)
         limiter = RateLimiter(
-            redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None
+            redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
+            on_store_error=settings.rate_limit_on_store_error,
+            local_share=settings.workers,
         )
         provider = load_provider(settings)
         app.state.services = Services(
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await provider.aclose()
+            await limiter.aclose()
             await engine.dispose()
             telemetry.shutdown_tracing()
 

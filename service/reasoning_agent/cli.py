@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = _checked_settings()
         if not args.no_migrate:
             _migrate(settings)
+        _recover(settings)
         if args.reload:
             _serve_reload(settings)
         else:
@@ -91,6 +92,32 @@ def _migrate(settings: Settings, *, wait_s: float = 0) -> None:
                 ) from None
             print(f"reasoning-agent: waiting for the database: {reason}", file=sys.stderr)
             time.sleep(2)
+
+
+def _recover(settings: Settings) -> None:
+    """Before serving: tasks left pending by a process that died are failed, never stuck."""
+    import asyncio
+    from datetime import timedelta
+
+    from reasoning_agent import db, tasks
+
+    async def run() -> int:
+        engine = db.create_engine(settings.database_url.get_secret_value())
+        try:
+            async with db.session_factory(engine)() as session:
+                # Older than the deadline: no live process of any replica can still answer them.
+                return await tasks.fail_interrupted(
+                    session, older_than=timedelta(seconds=settings.llm_timeout_s + 5)
+                )
+        finally:
+            await engine.dispose()
+
+    try:
+        failed = asyncio.run(run())
+    except Exception as exc:
+        raise ConfigError(f"DATABASE_URL: cannot check for interrupted tasks: {exc}") from None
+    if failed:
+        print(f"reasoning-agent: marked {failed} interrupted task(s) as failed", file=sys.stderr)
 
 
 def _serve_reload(settings: Settings) -> None:

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     rate_limit: str = "60/minute"
     query_rate_limit: str = "600/minute"
     redis_url: SecretStr | None = None
+    rate_limit_on_store_error: Literal["local", "allow", "deny"] = "local"
     database_url: SecretStr = SecretStr("sqlite:///./reasoning_agent.db")
     llm_provider: str = "openai"
     openai_api_key: SecretStr | None = None

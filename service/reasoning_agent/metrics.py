@@ -74,7 +74,8 @@ OVERHEAD_SECONDS = Histogram(
 )
 RATE_LIMIT_STORE_ERRORS = Counter(
     f"{_PREFIX}_rate_limit_store_errors",
-    "Limit decisions made in-process because the shared store (Redis) failed.",
+    "Limit decisions made without the shared store (Redis) because it failed.",
+    ["mode"],
 )
 DATABASE_ERRORS = Counter(
     f"{_PREFIX}_database_errors", "Requests answered 503 because the database failed."

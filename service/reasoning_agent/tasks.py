@@ -8,9 +8,9 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +22,7 @@ __all__ = [
     "InvalidCursor",
     "Page",
     "create_pending",
+    "fail_interrupted",
     "get_task",
     "mark_completed",
     "mark_failed",
@@ -121,6 +122,23 @@ async def mark_failed(
     task.latency_ms = latency_ms
     task.completed_at = datetime.now(UTC)
     await session.commit()
+
+
+async def fail_interrupted(session: AsyncSession, *, older_than: timedelta) -> int:
+    """Mark tasks still unfinished past the deadline as failed: their process is gone."""
+    now = datetime.now(UTC)
+    result = await session.execute(
+        update(Task)
+        .where(Task.status == TaskStatus.PENDING, Task.created_at < now - older_than)
+        .values(
+            status=TaskStatus.FAILED,
+            error_type="interrupted",
+            error="interrupted: the service stopped before the answer came",
+            completed_at=now,
+        )
+    )
+    await session.commit()
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 async def get_task(session: AsyncSession, owner: str, task_id: str) -> Task | None:

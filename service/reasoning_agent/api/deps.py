@@ -14,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from reasoning_agent import metrics
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.config import Settings
-from reasoning_agent.errors import RateLimited, Unauthorized
+from reasoning_agent.errors import RateLimited, ServiceUnavailable, Unauthorized
 from reasoning_agent.keys import ApiKey
-from reasoning_agent.ratelimit import Decision, RateLimiter
+from reasoning_agent.ratelimit import Decision, RateLimiter, StoreUnavailable
 from reasoning_agent.telemetry import span
 
 __all__ = [
@@ -88,7 +88,12 @@ async def _limit(
     response: Response,
 ) -> Decision:
     with span("rate_limit") as current:
-        decision = await services.limiter.hit(scope, caller.name, items)
+        try:
+            decision = await services.limiter.hit(scope, caller.name, items)
+        except StoreUnavailable:
+            raise ServiceUnavailable(
+                "rate limits cannot be checked now (RATE_LIMIT_ON_STORE_ERROR=deny)"
+            ) from None
         if current.is_recording():
             current.set_attribute("reasoning_agent.rate_limit.scope", scope)
             current.set_attribute("reasoning_agent.rate_limit.allowed", decision.allowed)
