@@ -170,7 +170,7 @@ def test_the_sliding_window_is_exact_in_redis_and_in_memory() -> None:
         try:
             first = [(await limiter.hit("t", "sliding", items)).allowed for _ in range(4)]
             await asyncio.sleep(1.05)
-            return first + [(await limiter.hit("t", "sliding", items)).allowed]
+            return [*first, (await limiter.hit("t", "sliding", items)).allowed]
         finally:
             await limiter.aclose()
 
