@@ -19,11 +19,14 @@ from starlette.routing import Route
 
 @dataclass
 class Step:
-    """What the server does for one request: fail with `status`, wait `delay`, or hang."""
+    """What the server does for one request: fail with `status`, wait `delay`, hang, drop the
+    connection (`reset`), or send `raw` bytes as a 200 JSON body."""
 
     status: int = 200
     delay: float = 0.0
     hang: bool = False
+    reset: bool = False
+    raw: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
 
@@ -93,6 +96,11 @@ class FakeOpenAI:
             return Response(status_code=499)
         if step.delay:
             await asyncio.sleep(step.delay)
+        if step.reset:  # drop the connection without an answer
+            request.receive.__self__.transport.abort()  # type: ignore[attr-defined]
+            return Response(status_code=499)
+        if step.raw is not None:
+            return Response(step.raw, media_type="application/json")
         if step.status != 200:
             error = {"error": {"message": f"scripted {step.status}", "type": "fake", "code": None}}
             return JSONResponse(step.body or error, status_code=step.status, headers=step.headers)

@@ -19,8 +19,8 @@ from reasoning_agent.keys import KeyRing
 from reasoning_agent.llm import load_provider
 from reasoning_agent.middleware import (
     AuthMiddleware,
-    BodyLimitMiddleware,
     RequestContextMiddleware,
+    RequestLimitsMiddleware,
 )
 from reasoning_agent.ratelimit import RateLimiter
 
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         middleware=[
             Middleware(RequestContextMiddleware),
             Middleware(AuthMiddleware, keyring=keyring),
-            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+            Middleware(RequestLimitsMiddleware, max_bytes=settings.max_body_bytes),
         ],
     )
     install_handlers(app)

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = [
     "BadGateway",
+    "BadRequest",
     "Conflict",
     "GatewayTimeout",
     "InvalidRequest",
@@ -21,6 +22,7 @@ __all__ = [
     "ServiceError",
     "ServiceUnavailable",
     "Unauthorized",
+    "UriTooLong",
     "error_response",
     "install_handlers",
 ]
@@ -50,6 +52,14 @@ class ServiceError(Exception):
         return error_response(
             self.status, self.type, self.message, headers=self.headers, extra=self.extra
         )
+
+
+class BadRequest(ServiceError):
+    status, type = 400, "bad_request"
+
+
+class UriTooLong(ServiceError):
+    status, type = 414, "uri_too_long"
 
 
 class Unauthorized(ServiceError):
@@ -125,7 +135,12 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    types = {404: "not_found", 405: "method_not_allowed", 413: PayloadTooLarge.type}
+    types = {
+        400: BadRequest.type,
+        404: "not_found",
+        405: "method_not_allowed",
+        413: PayloadTooLarge.type,
+    }
     return error_response(
         exc.status_code,
         types.get(exc.status_code, "http_error"),

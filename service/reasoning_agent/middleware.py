@@ -6,17 +6,25 @@ import logging
 import re
 import time
 import uuid
+from urllib.parse import unquote_to_bytes
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reasoning_agent import logs, metrics
-from reasoning_agent.errors import PayloadTooLarge, Unauthorized, error_response
+from reasoning_agent.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    UriTooLong,
+    error_response,
+)
 from reasoning_agent.keys import KeyRing
 from reasoning_agent.telemetry import span
 
-__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "RequestContextMiddleware"]
+__all__ = ["AuthMiddleware", "RequestContextMiddleware", "RequestLimitsMiddleware"]
 
 log = logging.getLogger("reasoning_agent.access")
 
@@ -113,8 +121,13 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Refuses a body over `max_bytes` with 413: at once by Content-Length, else as it streams in."""
+class RequestLimitsMiddleware:
+    """Refuses oversized or malformed input before any of it is parsed: a body over `max_bytes`
+    (413, at once by Content-Length, else as it streams in), a long query string (414), too many
+    query parameters or a query that is not UTF-8 (400)."""
+
+    MAX_QUERY_BYTES = 4096
+    MAX_QUERY_PARAMS = 64
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
@@ -123,6 +136,10 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        problem = self._query_problem(scope.get("query_string", b""))
+        if problem is not None:
+            await problem.response()(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
@@ -144,3 +161,16 @@ class BodyLimitMiddleware:
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is larger than {self.max_bytes} bytes")
+
+    def _query_problem(self, query: bytes) -> ServiceError | None:
+        if not query:
+            return None
+        if len(query) > self.MAX_QUERY_BYTES:
+            return UriTooLong(f"query string is longer than {self.MAX_QUERY_BYTES} bytes")
+        if query.count(b"&") + 1 > self.MAX_QUERY_PARAMS:
+            return BadRequest(f"more than {self.MAX_QUERY_PARAMS} query parameters")
+        try:
+            unquote_to_bytes(query.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            return BadRequest("query string is not valid UTF-8")
+        return None

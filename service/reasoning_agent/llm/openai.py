@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from email.utils import parsedate_to_datetime
@@ -35,6 +36,7 @@ __all__ = ["OpenAIProvider", "from_settings"]
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_AFTER_S = 60.0
+_MALFORMED = "upstream sent a response that is not valid JSON"
 T = TypeVar("T")
 
 
@@ -70,7 +72,7 @@ def _outcome(exc: BaseException | None) -> str:
     if exc is None:
         return "ok"
     if isinstance(exc, UpstreamError):
-        return "no_answer"
+        return "malformed" if exc.message == _MALFORMED else "no_answer"
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
     if isinstance(exc, openai.APITimeoutError):
@@ -163,6 +165,11 @@ class OpenAIProvider:
                 )
                 if not response.choices or response.choices[0].message.content is None:
                     raise UpstreamError(message="upstream returned no answer", attempts=number)
+            except json.JSONDecodeError:
+                error = UpstreamError(message=_MALFORMED, attempts=number)
+                if current.is_recording():
+                    current.set_attribute("reasoning_agent.llm.outcome", "malformed")
+                raise error from None
             except BaseException as exc:
                 error = exc
                 if current.is_recording():

@@ -1,0 +1,108 @@
+"""Every upstream fault ends in the right status, a failed task with a clear error, and a
+service that answers the next request."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import base_env
+from tests.fake_openai import FakeOpenAI, Step
+from tests.support import Service
+
+
+@pytest.fixture(scope="module")
+def service(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("faults")
+    env = base_env(upstream, f"sqlite:///{tmp}/tasks.db") | {
+        "LLM_MAX_ATTEMPTS": "2",
+        "LLM_TIMEOUT_S": "2",
+        "RATE_LIMIT": "10000/minute",
+    }
+    service = Service(env, log_path=tmp / "service.log").start()
+    yield service
+    service.stop()
+
+
+COMPLETION = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
+
+FAULTS = [
+    (
+        "429 twice",
+        [Step(status=429, headers={"Retry-After": "0"})] * 2,
+        502,
+        "upstream answered HTTP 429 after 2 attempts",
+        2,
+    ),
+    ("500 twice", [Step(status=500)] * 2, 502, "upstream answered HTTP 500 after 2 attempts", 2),
+    ("503 twice", [Step(status=503)] * 2, 502, "upstream answered HTTP 503 after 2 attempts", 2),
+    (
+        "connection reset twice",
+        [Step(reset=True)] * 2,
+        502,
+        "upstream unreachable after 2 attempts",
+        2,
+    ),
+    ("hang past the deadline", [Step(hang=True)], 504, "upstream timed out after 1 attempt", 1),
+    (
+        "malformed JSON",
+        [Step(raw=b'{"choices": [')],
+        502,
+        "upstream sent a response that is not valid JSON",
+        1,
+    ),
+    (
+        "empty choices",
+        [Step(raw=json.dumps(COMPLETION).encode())],
+        502,
+        "upstream returned no answer",
+        1,
+    ),
+    (
+        "no content",
+        [
+            Step(
+                raw=json.dumps(
+                    {
+                        **COMPLETION,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": None},
+                            }
+                        ],
+                    }
+                ).encode()
+            )
+        ],
+        502,
+        "upstream returned no answer",
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("steps", "status", "message", "calls"),
+    [f[1:] for f in FAULTS],
+    ids=[f[0] for f in FAULTS],
+)
+def test_an_upstream_fault_fails_the_task_clearly(
+    service: Service, fake_llm: FakeOpenAI, steps: list[Step], status: int, message: str, calls: int
+) -> None:
+    fake_llm.script(*steps)
+    with service.client() as client:
+        response = client.post("/task", json={"prompt": "meet a fault"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] == message
+        task = client.get(f"/task/{error['task_id']}").json()
+        assert task["status"] == "failed" and task["error"] == message
+        assert fake_llm.calls == calls
+        fake_llm.reset()
+        after = client.post("/task", json={"prompt": "and the next one works"})
+        assert after.status_code == 200 and after.json()["status"] == "completed"
+    assert "Traceback" not in service.logs()
