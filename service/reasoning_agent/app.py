@@ -12,7 +12,7 @@ from starlette.middleware import Middleware
 from reasoning_agent import __version__, db, logs, telemetry
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.api.deps import Services
-from reasoning_agent.api.routes import router
+from reasoning_agent.api.routes import probes, router
 from reasoning_agent.config import Settings, load_settings
 from reasoning_agent.errors import install_handlers
 from reasoning_agent.keys import KeyRing
@@ -96,5 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.include_router(router)
+    app.include_router(probes)
     tracing = telemetry.setup_tracing(app)
     return app

@@ -126,7 +126,7 @@ class RequestLimitsMiddleware:
     (413, at once by Content-Length, else as it streams in), a long query string (414), too many
     query parameters or a query that is not UTF-8 (400)."""
 
-    MAX_QUERY_BYTES = 4096
+    MAX_QUERY_BYTES = 16384
     MAX_QUERY_PARAMS = 64
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:

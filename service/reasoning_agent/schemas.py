@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from reasoning_agent.models import Task
 
-__all__ = ["HealthOut", "TaskIn", "TaskList", "TaskOut", "Usage"]
+__all__ = ["ErrorOut", "HealthOut", "TaskIn", "TaskList", "TaskOut", "Usage", "error_responses"]
 
 
 def _storable(value: str) -> str:
@@ -29,7 +29,8 @@ def _not_blank(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_storable)]
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Field(pattern=NO_NUL), AfterValidator(_storable)]
 MetaKey = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_storable)]
 MetaValue = Annotated[str, Field(max_length=1024), AfterValidator(_storable)]
 
@@ -39,7 +40,12 @@ class TaskIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Annotated[Text, AfterValidator(_not_blank)]
+    prompt: Annotated[
+        str,
+        Field(min_length=1, pattern=r"^[^\x00]*\S[^\x00]*$"),
+        AfterValidator(_storable),
+        AfterValidator(_not_blank),
+    ]
     model: Annotated[Text, Field(min_length=1, max_length=200)] | None = None
     system: Text | None = None
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
@@ -108,6 +114,39 @@ class TaskOut(BaseModel):
 class TaskList(BaseModel):
     items: list[TaskOut]
     next_cursor: str | None
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    task_id: str | None = None
+    details: list[dict[str, str]] | None = None
+
+
+class ErrorOut(BaseModel):
+    """Every error, whatever its status."""
+
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the errors a route can answer, all in the one error shape."""
+    return {status: {"model": ErrorOut, "description": _REASONS[status]} for status in statuses}
+
+
+_REASONS = {
+    400: "Malformed request (not UTF-8, too many query parameters)",
+    401: "Missing or unknown X-API-Key",
+    404: "No such task for this key",
+    409: "The same Idempotency-Key is still in progress",
+    413: "Body or prompt too large",
+    414: "Query string too long",
+    422: "Invalid input",
+    429: "Rate limit exceeded (see Retry-After)",
+    502: "The LLM upstream failed",
+    503: "Database, rate-limit store or LLM provider unavailable",
+    504: "The LLM deadline passed",
+}
 
 
 class HealthOut(BaseModel):

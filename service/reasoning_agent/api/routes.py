@@ -32,12 +32,14 @@ from reasoning_agent.errors import (
     ServiceUnavailable,
 )
 from reasoning_agent.models import Task, TaskStatus
-from reasoning_agent.schemas import HealthOut, TaskIn, TaskList, TaskOut
+from reasoning_agent.schemas import HealthOut, TaskIn, TaskList, TaskOut, error_responses
 from reasoning_agent.telemetry import current_trace_id
 
-__all__ = ["router"]
+__all__ = ["probes", "router"]
 
-router = APIRouter()
+# Every authenticated route can answer these; each route adds its own.
+router = APIRouter(responses=error_responses(400, 401, 414, 422, 503))
+probes = APIRouter()  # for the kubelet: no key, no data
 
 # How each LLM failure is answered, and how a replayed failed task is answered again.
 _LLM_ERRORS: dict[type[llm.LLMError], type[ServiceError]] = {
@@ -53,7 +55,12 @@ IdempotencyKey = Annotated[
 ]
 
 
-@router.post("/task", response_model=TaskOut, summary="Answer a prompt and store the task")
+@router.post(
+    "/task",
+    response_model=TaskOut,
+    summary="Answer a prompt and store the task",
+    responses=error_responses(409, 413, 429, 502, 504),
+)
 async def submit_task(
     request: Request,
     body: TaskIn,
@@ -153,7 +160,12 @@ def _ms_since(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 2)
 
 
-@router.get("/task/{task_id}", response_model=TaskOut, summary="One of the caller's tasks")
+@router.get(
+    "/task/{task_id}",
+    response_model=TaskOut,
+    summary="One of the caller's tasks",
+    responses=error_responses(404, 429),
+)
 async def read_task(
     task_id: str, caller: ApiKeyDep, _: QueryLimitDep, session: SessionDep
 ) -> TaskOut:
@@ -163,7 +175,12 @@ async def read_task(
     return TaskOut.of(task)
 
 
-@router.get("/query", response_model=TaskList, summary="The caller's tasks, newest first")
+@router.get(
+    "/query",
+    response_model=TaskList,
+    summary="The caller's tasks, newest first",
+    responses=error_responses(429),
+)
 async def query_tasks(
     caller: ApiKeyDep,
     _: QueryLimitDep,
@@ -226,12 +243,12 @@ async def healthz(_: ApiKeyDep, services: ServicesDep) -> JSONResponse:
     )
 
 
-@router.get("/livez", summary="The process is alive (no key needed)")
+@probes.get("/livez", summary="The process is alive (no key needed)")
 async def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database answers (no key needed)")
+@probes.get("/readyz", summary="The database answers (no key needed)")
 async def readyz(services: ServicesDep) -> JSONResponse:
     try:
         async with asyncio.timeout(2):
