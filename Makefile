@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install tools run test lint migrate manifests dashboard clean
+.PHONY: install tools run test test-sqlite test-postgres lint migrate manifests dashboard clean
 
 install: $(STAMP)
 
@@ -48,8 +48,14 @@ dashboard: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) bench/dashboard.py
 
-test: install tools
+# The whole suite on SQLite, then the integration tests again on the local PostgreSQL.
+test: test-sqlite test-postgres
+
+test-sqlite: install tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+test-postgres: install
+	TEST_DATABASE=postgresql $(PY) -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check service tests bench

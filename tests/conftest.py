@@ -13,8 +13,8 @@ from tests.support import (
     BOB,
     OPENAI_KEY,
     Service,
-    drop_postgres_database,
-    postgres_database,
+    drop_database,
+    new_database,
 )
 
 StartService = Callable[..., Service]
@@ -51,9 +51,12 @@ def base_env(upstream: FakeOpenAI, database_url: str) -> dict[str, str]:
 def start_service(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[StartService]:
     """Start `reasoning-agent serve` with the given environment on top of a test default."""
     started: list[Service] = []
+    databases: list[str] = []
 
     def start(**env: str) -> Service:
-        merged = base_env(upstream, f"sqlite:///{tmp_path}/tasks.db") | env
+        if "DATABASE_URL" not in env and not databases:
+            databases.append(new_database(tmp_path))  # one per test, shared by its services
+        merged = base_env(upstream, databases[0] if databases else "") | env
         service = Service(merged, log_path=tmp_path / f"service-{len(started)}.log")
         started.append(service)
         return service.start()
@@ -61,19 +64,16 @@ def start_service(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[StartService
     yield start
     for service in started:
         service.stop()
+    for url in databases:
+        drop_database(url)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def database_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """Each module that asks for it runs once on SQLite and once on the local PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('db')}/tasks.db"
-        return
-    url = postgres_database()
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database for a module's service: SQLite, or PostgreSQL in the `make test-postgres` pass."""
+    url = new_database(tmp_path_factory.mktemp("db"))
     yield url
-    drop_postgres_database(url)
+    drop_database(url)
 
 
 @pytest.fixture(scope="module")

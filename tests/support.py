@@ -27,6 +27,43 @@ BOB = "bob-key-0123456789abcdef0"
 OPENAI_KEY = "sk-test-fake-openai-secret-4242424242"
 
 
+# The database every integration test's service uses: `make test` runs the suite once with
+# each (`make test-sqlite`, then `make test-postgres`, which sets TEST_DATABASE=postgresql).
+TEST_DATABASE = os.environ.get("TEST_DATABASE", "sqlite")
+
+
+def new_database(directory: Path) -> str:
+    """An empty database for one service: a SQLite file in `directory`, or a fresh PostgreSQL
+    database (drop it with `drop_database`)."""
+    if TEST_DATABASE == "postgresql":
+        return postgres_database()
+    return f"sqlite:///{directory}/tasks.db"
+
+
+def drop_database(url: str) -> None:
+    if url.startswith("postgresql"):
+        drop_postgres_database(url)
+
+
+def query(url: str, sql: str) -> list[tuple]:
+    """Rows from the service's database, read directly, whichever database it is."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            return db.execute(sql).fetchall()
+    import asyncpg
+
+    async def fetch() -> list[tuple]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

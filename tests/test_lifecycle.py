@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 
 from tests.conftest import StartService
 from tests.fake_openai import FakeOpenAI
-from tests.support import ALICE
+from tests.support import ALICE, query
 
 
 def test_sigterm_finishes_the_20_requests_in_flight(
@@ -71,11 +70,8 @@ def test_after_sigkill_a_restart_fails_the_stale_tasks_and_nothing_else(
         time.sleep(0.05)
     service.stop(signal.SIGKILL)
     hung.join(timeout=30)
-    with sqlite3.connect(tmp_path / "tasks.db") as db:
-        assert db.execute("SELECT status FROM tasks ORDER BY created_at").fetchall() == [
-            ("completed",),
-            ("pending",),
-        ]
+    statuses = query(service.env["DATABASE_URL"], "SELECT status FROM tasks ORDER BY created_at")
+    assert statuses == [("completed",), ("pending",)]
 
     time.sleep(2.5 + 5)  # past the deadline: no live process could still be answering it
     fake_llm.default_delay = 0.0

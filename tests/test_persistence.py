@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import StartService
 from tests.fake_openai import FakeOpenAI, Step
-from tests.support import ALICE, redis_url
+from tests.support import ALICE, query, redis_url
 
 
 def test_a_restart_keeps_every_task(
@@ -50,9 +49,9 @@ def test_200_concurrent_tasks_over_two_workers_store_200_rows(
     assert [r.status_code for r in responses] == [200] * 200
     assert len({r.json()["id"] for r in responses}) == 200
     assert fake_llm.calls == 200
-    with sqlite3.connect(tmp_path / "tasks.db") as db:
-        rows = db.execute(
-            "SELECT count(*), count(DISTINCT prompt) FROM tasks WHERE status = 'completed'"
-        ).fetchone()
-    assert rows == (200, 200)
+    rows = query(
+        service.env["DATABASE_URL"],
+        "SELECT count(*), count(DISTINCT prompt) FROM tasks WHERE status = 'completed'",
+    )
+    assert rows == [(200, 200)]
     assert "database is locked" not in service.logs()

@@ -14,9 +14,11 @@ from tests.support import Service
 
 
 @pytest.fixture(scope="module")
-def service(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(
+    upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("faults")
-    env = base_env(upstream, f"sqlite:///{tmp}/tasks.db") | {
+    env = base_env(upstream, database_url) | {
         "LLM_MAX_ATTEMPTS": "2",
         "LLM_TIMEOUT_S": "2",
         "RATE_LIMIT": "10000/minute",

@@ -16,9 +16,11 @@ TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
-def service(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(
+    upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("openai")
-    env = base_env(upstream, f"sqlite:///{tmp}/tasks.db") | {
+    env = base_env(upstream, database_url) | {
         "LLM_MAX_ATTEMPTS": "3",
         "LLM_TIMEOUT_S": str(TIMEOUT_S),
         "RATE_LIMIT": "10000/minute",
