@@ -91,7 +91,7 @@ def test_migrate_creates_the_schema_and_needs_no_api_key(tmp_path: Path) -> None
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         version = db.execute("SELECT version_num FROM alembic_version").fetchone()
     assert {"tasks", "alembic_version"} <= tables
-    assert version == ("0002",)
+    assert version == ("0003",)
 
 
 def test_migrate_wait_retries_then_fails_visibly() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from reasoning_agent import __version__, db, logs, telemetry
+from reasoning_agent import __version__, db, logs, retention, telemetry
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.api.deps import Services
 from reasoning_agent.api.routes import probes, router
@@ -75,9 +76,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "tracing": tracing,
             },
         )
+        purging = None
+        if settings.retention_days is not None:
+            purging = asyncio.create_task(
+                retention.run_forever(
+                    engine,
+                    app.state.services.sessions,
+                    days=settings.retention_days,
+                    interval_s=settings.retention_interval_s,
+                )
+            )
         try:
             yield
         finally:
+            if purging is not None:
+                purging.cancel()
             await provider.aclose()
             await limiter.aclose()
             await engine.dispose()

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(60.0, gt=0, le=3600)
     max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    store_prompts: bool = True
+    retention_days: float | None = Field(None, gt=0)
+    retention_interval_s: float = Field(3600.0, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)

@@ -54,9 +54,13 @@ class Task(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
-    prompt: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str | None] = mapped_column(Text)  # None with STORE_PROMPTS=false
     system: Mapped[str | None] = mapped_column(Text)
     answer: Mapped[str | None] = mapped_column(Text)
+    prompt_chars: Mapped[int | None] = mapped_column(Integer)
+    prompt_sha256: Mapped[str | None] = mapped_column(String(64))
+    answer_chars: Mapped[int | None] = mapped_column(Integer)
+    answer_sha256: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(200))
     temperature: Mapped[float | None] = mapped_column(Float)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -74,4 +78,5 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_owner_created", "owner", "created_at", "id"),
         Index("ux_tasks_owner_idempotency", "owner", "idempotency_key", unique=True),
+        Index("ix_tasks_created", "created_at"),
     )

@@ -66,9 +66,13 @@ class TaskOut(BaseModel):
 
     id: str
     status: Literal["pending", "completed", "failed"]
-    prompt: str
+    prompt: str | None
     system: str | None
     answer: str | None
+    prompt_chars: int | None
+    prompt_sha256: str | None
+    answer_chars: int | None
+    answer_sha256: str | None
     model: str
     temperature: float | None
     max_tokens: int | None
@@ -97,6 +101,10 @@ class TaskOut(BaseModel):
             prompt=task.prompt,
             system=task.system,
             answer=task.answer,
+            prompt_chars=task.prompt_chars,
+            prompt_sha256=task.prompt_sha256,
+            answer_chars=task.answer_chars,
+            answer_sha256=task.answer_sha256,
             model=task.model,
             temperature=task.temperature,
             max_tokens=task.max_tokens,

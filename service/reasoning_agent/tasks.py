@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +22,7 @@ __all__ = [
     "InvalidCursor",
     "Page",
     "create_pending",
+    "delete_older_than",
     "fail_interrupted",
     "get_task",
     "mark_completed",
@@ -41,6 +42,10 @@ class Page:
     next_cursor: str | None
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def request_hash(body: TaskIn, model: str) -> str:
     """A digest of what was asked, so an Idempotency-Key reused for another request is caught."""
     canonical = json.dumps({**body.model_dump(), "model": model}, sort_keys=True)
@@ -56,6 +61,7 @@ async def create_pending(
     digest: str,
     idempotency_key: str | None,
     trace_id: str | None = None,
+    store_text: bool = True,
 ) -> tuple[Task, bool]:
     """Store the task as pending and commit; with a known Idempotency-Key, return the earlier one."""
     if idempotency_key is not None:
@@ -68,8 +74,10 @@ async def create_pending(
         idempotency_key=idempotency_key,
         request_hash=digest,
         status=TaskStatus.PENDING,
-        prompt=body.prompt,
-        system=body.system,
+        prompt=body.prompt if store_text else None,
+        system=body.system if store_text else None,
+        prompt_chars=len(body.prompt),
+        prompt_sha256=_sha256(body.prompt),
         model=model,
         temperature=body.temperature,
         max_tokens=body.max_tokens,
@@ -93,10 +101,17 @@ async def create_pending(
 
 
 async def mark_completed(
-    session: AsyncSession, task: Task, result: LLMResult, *, latency_ms: float
+    session: AsyncSession,
+    task: Task,
+    result: LLMResult,
+    *,
+    latency_ms: float,
+    store_text: bool = True,
 ) -> None:
     task.status = TaskStatus.COMPLETED
-    task.answer = result.answer
+    task.answer = result.answer if store_text else None
+    task.answer_chars = len(result.answer)
+    task.answer_sha256 = _sha256(result.answer)
     task.model = result.model
     task.prompt_tokens = result.prompt_tokens
     task.completion_tokens = result.completion_tokens
@@ -122,6 +137,14 @@ async def mark_failed(
     task.latency_ms = latency_ms
     task.completed_at = datetime.now(UTC)
     await session.commit()
+
+
+async def delete_older_than(session: AsyncSession, cutoff: datetime, *, batch: int) -> int:
+    """Delete up to `batch` tasks created before `cutoff`; how many went."""
+    ids = select(Task.id).where(Task.created_at < cutoff).limit(batch).scalar_subquery()
+    result = await session.execute(delete(Task).where(Task.id.in_(ids)))
+    await session.commit()
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 async def fail_interrupted(session: AsyncSession, *, older_than: timedelta) -> int:

@@ -88,6 +88,7 @@ async def submit_task(
         digest=digest,
         idempotency_key=idempotency_key,
         trace_id=current_trace_id(request.headers),
+        store_text=settings.store_prompts,
     )
     if not created:
         return _replay(task, digest)
@@ -130,9 +131,16 @@ async def submit_task(
     _observe_llm(request, provider, model, "ok", started)
     metrics.TOKENS.labels(caller.name, "input").inc(result.prompt_tokens or 0)
     metrics.TOKENS.labels(caller.name, "output").inc(result.completion_tokens or 0)
-    await tasks.mark_completed(session, task, result, latency_ms=_ms_since(started))
+    await tasks.mark_completed(
+        session, task, result, latency_ms=_ms_since(started), store_text=settings.store_prompts
+    )
     metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
-    return TaskOut.of(task)
+    answer = TaskOut.of(task)
+    if not settings.store_prompts:  # the caller still gets its text; the database never did
+        answer = answer.model_copy(
+            update={"prompt": body.prompt, "system": body.system, "answer": result.answer}
+        )
+    return answer
 
 
 def _observe_llm(request: Request, provider: str, model: str, outcome: str, started: float) -> None:
