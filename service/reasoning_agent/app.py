@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from reasoning_agent import __version__, db, logs, retention, telemetry
+from reasoning_agent import __version__, db, jobs, logs, retention, telemetry
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.api.deps import Services
 from reasoning_agent.api.routes import probes, router
@@ -59,12 +60,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             local_share=settings.workers,
         )
         provider = load_provider(settings)
+        sessions = db.session_factory(engine)
+        agent = ReasoningAgent(provider, timeout_s=settings.llm_timeout_s)
+        runner: jobs.Runner
+        if settings.redis_url is not None:
+            runner = jobs.ArqRunner(settings.redis_url.get_secret_value())
+        else:
+            local = jobs.InProcessRunner(
+                functools.partial(
+                    jobs.execute, sessions=sessions, agent=agent, store_text=settings.store_prompts
+                ),
+                concurrency=settings.worker_concurrency,
+            )
+            resumed = await local.resume(sessions)
+            if resumed:
+                log.info("resumed background tasks", extra={"tasks": resumed})
+            runner = local
         app.state.services = Services(
             settings=settings,
             engine=engine,
-            sessions=db.session_factory(engine),
+            sessions=sessions,
             limiter=limiter,
-            agent=ReasoningAgent(provider, timeout_s=settings.llm_timeout_s),
+            agent=agent,
+            runner=runner,
         )
         log.info(
             "service started",
@@ -91,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if purging is not None:
                 purging.cancel()
+            await runner.aclose()
             await provider.aclose()
             await limiter.aclose()
             await engine.dispose()

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--no-migrate", action="store_true", help="do not apply migrations before serving"
     )
+    commands.add_parser("worker", help="run background tasks from the Redis queue (arq)")
     migrate = commands.add_parser("migrate", help="apply the database migrations")
     migrate.add_argument(
         "--wait",
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             _migrate(load_settings(), wait_s=args.wait)
+            return 0
+        if args.command == "worker":
+            _work(load_settings())
             return 0
         settings = _checked_settings()
         if not args.no_migrate:
@@ -92,6 +96,22 @@ def _migrate(settings: Settings, *, wait_s: float = 0) -> None:
                 ) from None
             print(f"reasoning-agent: waiting for the database: {reason}", file=sys.stderr)
             time.sleep(2)
+
+
+def _work(settings: Settings) -> None:
+    """`reasoning-agent worker`: arq workers take background tasks off Redis until SIGTERM."""
+    from arq.worker import Worker
+
+    from reasoning_agent import jobs, logs, telemetry
+    from reasoning_agent.app import secrets_of
+
+    if settings.redis_url is None:
+        raise ConfigError(
+            "REDIS_URL: the worker takes tasks from Redis; without it, serve runs them"
+        )
+    logs.configure_logging(settings.log_level, secrets=secrets_of(settings))
+    telemetry.check_tracing_config()
+    Worker(**jobs.worker_settings(settings)).run()
 
 
 def _recover(settings: Settings) -> None:

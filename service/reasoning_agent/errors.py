@@ -24,6 +24,8 @@ __all__ = [
     "Unauthorized",
     "UriTooLong",
     "error_response",
+    "for_llm_error",
+    "for_type",
     "install_handlers",
 ]
 
@@ -99,6 +101,24 @@ class ServiceUnavailable(ServiceError):
 
 class GatewayTimeout(ServiceError):
     status, type = 504, "deadline_exceeded"
+
+
+def for_llm_error(exc: Exception) -> type[ServiceError]:
+    """How an LLM failure is answered: 502, 504 or 503."""
+    from reasoning_agent import llm
+
+    mapping: dict[type[Exception], type[ServiceError]] = {
+        llm.UpstreamError: BadGateway,
+        llm.DeadlineExceeded: GatewayTimeout,
+        llm.NotConfigured: ServiceUnavailable,
+    }
+    return mapping.get(type(exc), BadGateway)
+
+
+def for_type(error_type: str | None) -> type[ServiceError]:
+    """The error class of a stored task's error_type, to answer a replay as the first time."""
+    known = {cls.type: cls for cls in (BadGateway, GatewayTimeout, ServiceUnavailable)}
+    return known.get(error_type or "", BadGateway)
 
 
 def error_response(

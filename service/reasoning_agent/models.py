@@ -32,12 +32,16 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class TaskStatus:
-    """The states a task moves through."""
+    """The states a task moves through: `pending` while a request waits for its answer;
+    `queued` then `running` in the background; then `completed`, `failed` or `cancelled`."""
 
     PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
-    ALL = (PENDING, COMPLETED, FAILED)
+    CANCELLED = "cancelled"
+    UNFINISHED = (PENDING, QUEUED, RUNNING)
 
 
 class Base(DeclarativeBase):

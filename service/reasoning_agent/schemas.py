@@ -53,6 +53,7 @@ class TaskIn(BaseModel):
     metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=32)] = Field(
         default_factory=dict
     )
+    mode: Literal["sync", "async"] = "sync"
 
 
 class Usage(BaseModel):
@@ -65,7 +66,7 @@ class TaskOut(BaseModel):
     """A stored task as the API shows it."""
 
     id: str
-    status: Literal["pending", "completed", "failed"]
+    status: Literal["pending", "queued", "running", "completed", "failed", "cancelled"]
     prompt: str | None
     system: str | None
     answer: str | None

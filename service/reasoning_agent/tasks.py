@@ -9,10 +9,12 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from reasoning_agent.llm import LLMResult
 from reasoning_agent.models import Task, TaskStatus
@@ -21,6 +23,8 @@ from reasoning_agent.schemas import TaskIn
 __all__ = [
     "InvalidCursor",
     "Page",
+    "cancel",
+    "claim",
     "create_pending",
     "delete_older_than",
     "fail_interrupted",
@@ -29,6 +33,7 @@ __all__ = [
     "mark_failed",
     "query_tasks",
     "request_hash",
+    "unfinished_ids",
 ]
 
 
@@ -62,6 +67,7 @@ async def create_pending(
     idempotency_key: str | None,
     trace_id: str | None = None,
     store_text: bool = True,
+    status: str = TaskStatus.PENDING,
 ) -> tuple[Task, bool]:
     """Store the task as pending and commit; with a known Idempotency-Key, return the earlier one."""
     if idempotency_key is not None:
@@ -73,7 +79,7 @@ async def create_pending(
         owner=owner,
         idempotency_key=idempotency_key,
         request_hash=digest,
-        status=TaskStatus.PENDING,
+        status=status,
         prompt=body.prompt if store_text else None,
         system=body.system if store_text else None,
         prompt_chars=len(body.prompt),
@@ -107,18 +113,22 @@ async def mark_completed(
     *,
     latency_ms: float,
     store_text: bool = True,
-) -> None:
-    task.status = TaskStatus.COMPLETED
-    task.answer = result.answer if store_text else None
-    task.answer_chars = len(result.answer)
-    task.answer_sha256 = _sha256(result.answer)
-    task.model = result.model
-    task.prompt_tokens = result.prompt_tokens
-    task.completion_tokens = result.completion_tokens
-    task.attempts = result.attempts
-    task.latency_ms = latency_ms
-    task.completed_at = datetime.now(UTC)
-    await session.commit()
+    expect: str | None = None,
+) -> bool:
+    """Record the answer; with `expect`, only if the task is still in that status."""
+    values = {
+        "status": TaskStatus.COMPLETED,
+        "answer": result.answer if store_text else None,
+        "answer_chars": len(result.answer),
+        "answer_sha256": _sha256(result.answer),
+        "model": result.model,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "attempts": result.attempts,
+        "latency_ms": latency_ms,
+        "completed_at": datetime.now(UTC),
+    }
+    return await _finish(session, task, values, expect)
 
 
 async def mark_failed(
@@ -129,14 +139,72 @@ async def mark_failed(
     message: str,
     attempts: int,
     latency_ms: float,
-) -> None:
-    task.status = TaskStatus.FAILED
-    task.error_type = error_type
-    task.error = message
-    task.attempts = attempts
-    task.latency_ms = latency_ms
-    task.completed_at = datetime.now(UTC)
+    expect: str | None = None,
+) -> bool:
+    """Record why there is no answer; with `expect`, only if the task is still in that status."""
+    values = {
+        "status": TaskStatus.FAILED,
+        "error_type": error_type,
+        "error": message,
+        "attempts": attempts,
+        "latency_ms": latency_ms,
+        "completed_at": datetime.now(UTC),
+    }
+    return await _finish(session, task, values, expect)
+
+
+async def _finish(
+    session: AsyncSession, task: Task, values: dict[str, Any], expect: str | None
+) -> bool:
+    stmt = update(Task).where(Task.id == task.id)
+    if expect is not None:  # a cancellation in between wins
+        stmt = stmt.where(Task.status == expect)
+    changed = (await session.execute(stmt.values(**values))).rowcount  # type: ignore[attr-defined]
     await session.commit()
+    if changed:
+        for name, value in values.items():
+            set_committed_value(task, name, value)
+    return bool(changed)
+
+
+async def claim(session: AsyncSession, task_id: str, *, statuses: tuple[str, ...]) -> Task | None:
+    """Move a task to `running` if it is in one of `statuses`; None if someone else has it."""
+    changed = (
+        await session.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.status.in_(statuses))
+            .values(status=TaskStatus.RUNNING)
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    await session.commit()
+    return await session.get(Task, task_id, populate_existing=True) if changed else None
+
+
+async def cancel(session: AsyncSession, owner: str, task_id: str) -> bool:
+    """Cancel the owner's task if it is queued or running; False if it had already ended."""
+    changed = (
+        await session.execute(
+            update(Task)
+            .where(
+                Task.id == task_id,
+                Task.owner == owner,
+                Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING)),
+            )
+            .values(
+                status=TaskStatus.CANCELLED,
+                error_type="cancelled",
+                error="cancelled by the caller",
+                completed_at=datetime.now(UTC),
+            )
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    await session.commit()
+    return bool(changed)
+
+
+async def unfinished_ids(session: AsyncSession, *, statuses: tuple[str, ...]) -> list[str]:
+    stmt = select(Task.id).where(Task.status.in_(statuses)).order_by(Task.created_at)
+    return list((await session.scalars(stmt)).all())
 
 
 async def delete_older_than(session: AsyncSession, cutoff: datetime, *, batch: int) -> int:
@@ -152,7 +220,10 @@ async def fail_interrupted(session: AsyncSession, *, older_than: timedelta) -> i
     now = datetime.now(UTC)
     result = await session.execute(
         update(Task)
-        .where(Task.status == TaskStatus.PENDING, Task.created_at < now - older_than)
+        .where(
+            Task.status.in_((TaskStatus.PENDING, TaskStatus.RUNNING)),
+            Task.created_at < now - older_than,
+        )
         .values(
             status=TaskStatus.FAILED,
             error_type="interrupted",

@@ -15,6 +15,7 @@ from reasoning_agent import metrics
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.config import Settings
 from reasoning_agent.errors import RateLimited, ServiceUnavailable, Unauthorized
+from reasoning_agent.jobs import Runner
 from reasoning_agent.keys import ApiKey
 from reasoning_agent.ratelimit import Decision, RateLimiter, StoreUnavailable
 from reasoning_agent.telemetry import span
@@ -23,6 +24,7 @@ __all__ = [
     "AgentDep",
     "ApiKeyDep",
     "QueryLimitDep",
+    "RunnerDep",
     "Services",
     "ServicesDep",
     "SessionDep",
@@ -40,6 +42,7 @@ class Services:
     sessions: async_sessionmaker[AsyncSession]
     limiter: RateLimiter
     agent: ReasoningAgent
+    runner: Runner
 
 
 def _services(request: Request) -> Services:
@@ -56,6 +59,10 @@ def _settings(services: ServicesDep) -> Settings:
 
 def _agent(services: ServicesDep) -> ReasoningAgent:
     return services.agent
+
+
+def _runner(services: ServicesDep) -> Runner:
+    return services.runner
 
 
 async def _session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
@@ -76,6 +83,7 @@ def _caller(request: Request, _: Annotated[str | None, Security(_api_key_header)
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 AgentDep = Annotated[ReasoningAgent, Depends(_agent)]
+RunnerDep = Annotated[Runner, Depends(_runner)]
 SessionDep = Annotated[AsyncSession, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_caller)]
 

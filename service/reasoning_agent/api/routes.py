@@ -15,6 +15,7 @@ from reasoning_agent.api.deps import (
     AgentDep,
     ApiKeyDep,
     QueryLimitDep,
+    RunnerDep,
     ServicesDep,
     SessionDep,
     SettingsDep,
@@ -22,14 +23,13 @@ from reasoning_agent.api.deps import (
 )
 from reasoning_agent.db import ping
 from reasoning_agent.errors import (
-    BadGateway,
     Conflict,
-    GatewayTimeout,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    ServiceError,
     ServiceUnavailable,
+    for_llm_error,
+    for_type,
 )
 from reasoning_agent.models import Task, TaskStatus
 from reasoning_agent.schemas import HealthOut, TaskIn, TaskList, TaskOut, error_responses
@@ -41,14 +41,6 @@ __all__ = ["probes", "router"]
 router = APIRouter(responses=error_responses(400, 401, 414, 422, 503))
 probes = APIRouter()  # for the kubelet: no key, no data
 
-# How each LLM failure is answered, and how a replayed failed task is answered again.
-_LLM_ERRORS: dict[type[llm.LLMError], type[ServiceError]] = {
-    llm.UpstreamError: BadGateway,
-    llm.DeadlineExceeded: GatewayTimeout,
-    llm.NotConfigured: ServiceUnavailable,
-}
-_BY_TYPE = {cls.type: cls for cls in _LLM_ERRORS.values()}
-
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"),
@@ -59,7 +51,10 @@ IdempotencyKey = Annotated[
     "/task",
     response_model=TaskOut,
     summary="Answer a prompt and store the task",
-    responses=error_responses(409, 413, 429, 502, 504),
+    responses={
+        202: {"model": TaskOut, "description": "Queued (`mode: async` or `Prefer: respond-async`)"},
+        **error_responses(409, 413, 429, 502, 504),
+    },
 )
 async def submit_task(
     request: Request,
@@ -68,9 +63,10 @@ async def submit_task(
     _: TaskLimitDep,
     settings: SettingsDep,
     agent: AgentDep,
+    runner: RunnerDep,
     session: SessionDep,
     idempotency_key: IdempotencyKey = None,
-) -> TaskOut:
+) -> TaskOut | JSONResponse:
     if len(body.prompt) > settings.max_prompt_chars:
         raise PayloadTooLarge(f"prompt is longer than {settings.max_prompt_chars} characters")
     if body.system and len(body.system) > settings.max_prompt_chars:
@@ -78,6 +74,12 @@ async def submit_task(
     reason = agent.unconfigured_reason()
     if reason:
         raise ServiceUnavailable(f"the LLM provider is not configured: {reason}")
+    prefer_async = "respond-async" in request.headers.get("prefer", "")
+    background = body.mode == "async" or prefer_async
+    if background and not settings.store_prompts:
+        raise InvalidRequest(
+            "background tasks need STORE_PROMPTS=true: the queued prompt is stored"
+        )
     model = body.model or agent.default_model
     digest = tasks.request_hash(body, model)
     task, created = await tasks.create_pending(
@@ -89,7 +91,29 @@ async def submit_task(
         idempotency_key=idempotency_key,
         trace_id=current_trace_id(request.headers),
         store_text=settings.store_prompts,
+        status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
     )
+    if background:
+        if created:
+            try:
+                await runner.submit(task.id)
+            except Exception as exc:
+                await tasks.mark_failed(
+                    session,
+                    task,
+                    error_type="unavailable",
+                    message="the task queue is unavailable",
+                    attempts=0,
+                    latency_ms=0,
+                    expect=TaskStatus.QUEUED,
+                )
+                raise ServiceUnavailable("the task queue is unavailable") from exc
+        elif task.request_hash != digest:
+            raise InvalidRequest("Idempotency-Key was already used with a different request")
+        headers = {"Location": f"/task/{task.id}"}
+        if prefer_async:
+            headers["Preference-Applied"] = "respond-async"
+        return JSONResponse(TaskOut.of(task).model_dump(mode="json"), 202, headers=headers)
     if not created:
         return _replay(task, digest)
 
@@ -104,7 +128,7 @@ async def submit_task(
             max_tokens=body.max_tokens,
         )
     except llm.LLMError as exc:
-        error = _LLM_ERRORS.get(type(exc), BadGateway)
+        error = for_llm_error(exc)
         _observe_llm(request, provider, model, error.type, started)
         await tasks.mark_failed(
             session,
@@ -159,7 +183,7 @@ def _replay(task: Task, digest: str) -> TaskOut:
     if task.status == TaskStatus.PENDING:
         raise Conflict("a request with this Idempotency-Key is still in progress")
     if task.status == TaskStatus.FAILED:
-        error = _BY_TYPE.get(task.error_type or "", BadGateway)
+        error = for_type(task.error_type)
         raise error(task.error or "the task failed", extra={"task_id": task.id})
     return TaskOut.of(task)
 
@@ -183,6 +207,27 @@ async def read_task(
     return TaskOut.of(task)
 
 
+@router.delete(
+    "/task/{task_id}",
+    response_model=TaskOut,
+    summary="Cancel a queued or running background task",
+    responses=error_responses(404, 409, 429),
+)
+async def cancel_task(
+    task_id: str, caller: ApiKeyDep, _: QueryLimitDep, runner: RunnerDep, session: SessionDep
+) -> TaskOut:
+    if not await tasks.cancel(session, caller.name, task_id):
+        task = await tasks.get_task(session, caller.name, task_id)
+        if task is None:
+            raise NotFound("no such task")
+        raise Conflict(f"the task is {task.status}: only queued or running tasks can be cancelled")
+    await runner.cancel(task_id)
+    task = await tasks.get_task(session, caller.name, task_id)
+    assert task is not None
+    await session.refresh(task)
+    return TaskOut.of(task)
+
+
 @router.get(
     "/query",
     response_model=TaskList,
@@ -194,7 +239,8 @@ async def query_tasks(
     _: QueryLimitDep,
     session: SessionDep,
     q: Annotated[str | None, Query(max_length=500, description="text in prompt or answer")] = None,
-    status: Literal["pending", "completed", "failed"] | None = None,
+    status: Literal["pending", "queued", "running", "completed", "failed", "cancelled"]
+    | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,

@@ -1,0 +1,224 @@
+"""Background tasks: `queued → running → completed|failed|cancelled`, through arq on Redis, or
+in this process when there is no Redis (queued tasks live in the database and resume on start)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from reasoning_agent import llm, metrics, tasks
+from reasoning_agent.agent import ReasoningAgent
+from reasoning_agent.config import Settings
+from reasoning_agent.errors import for_llm_error
+from reasoning_agent.models import TaskStatus
+
+__all__ = ["ArqRunner", "InProcessRunner", "Runner", "execute", "worker_settings"]
+
+log = logging.getLogger(__name__)
+
+QUEUE = "reasoning-agent:tasks"
+
+
+class Runner(Protocol):
+    """Where a queued task goes to be run."""
+
+    async def submit(self, task_id: str) -> None: ...
+
+    async def cancel(self, task_id: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def execute(
+    task_id: str,
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    agent: ReasoningAgent,
+    store_text: bool,
+    statuses: tuple[str, ...] = (TaskStatus.QUEUED,),
+) -> None:
+    """Claim one task and answer it; a task cancelled meanwhile keeps its `cancelled`."""
+    async with sessions() as session:
+        task = await tasks.claim(session, task_id, statuses=statuses)
+        if task is None:
+            return  # cancelled, finished, or another process has it
+        assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
+        started = time.monotonic()
+        try:
+            result = await agent.run(
+                task.prompt,
+                system=task.system,
+                model=task.model,
+                temperature=task.temperature,
+                max_tokens=task.max_tokens,
+            )
+        except llm.LLMError as exc:
+            failed = await tasks.mark_failed(
+                session,
+                task,
+                error_type=for_llm_error(exc).type,
+                message=str(exc),
+                attempts=exc.attempts,
+                latency_ms=_ms_since(started),
+                expect=TaskStatus.RUNNING,
+            )
+            if failed:
+                metrics.TASKS.labels(TaskStatus.FAILED).inc()
+            return
+        done = await tasks.mark_completed(
+            session,
+            task,
+            result,
+            latency_ms=_ms_since(started),
+            store_text=store_text,
+            expect=TaskStatus.RUNNING,
+        )
+        if done:
+            metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 2)
+
+
+class InProcessRunner:
+    """Runs tasks as asyncio tasks of this worker, at most `concurrency` at once."""
+
+    def __init__(self, run: Callable[..., Awaitable[None]], *, concurrency: int = 8) -> None:
+        self._run = run
+        self._slots = asyncio.Semaphore(concurrency)
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    async def submit(self, task_id: str, **options: Any) -> None:
+        job = asyncio.create_task(self._guarded(task_id, options), name=f"task-{task_id}")
+        self._running[task_id] = job
+        job.add_done_callback(lambda _: self._running.pop(task_id, None))
+
+    async def _guarded(self, task_id: str, options: dict[str, Any]) -> None:
+        async with self._slots:
+            try:
+                await self._run(task_id, **options)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task %s failed unexpectedly", task_id)
+
+    async def resume(self, sessions: async_sessionmaker[AsyncSession]) -> int:
+        """Pick up what a stopped process left queued or running (one process has no Redis)."""
+        unfinished = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+        async with sessions() as session:
+            ids = await tasks.unfinished_ids(session, statuses=unfinished)
+        for task_id in ids:
+            await self.submit(task_id, statuses=unfinished)
+        return len(ids)
+
+    async def cancel(self, task_id: str) -> None:
+        job = self._running.get(task_id)
+        if job is not None:
+            job.cancel()
+
+    async def aclose(self) -> None:
+        for job in list(self._running.values()):
+            job.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+
+class ArqRunner:
+    """Hands tasks to `reasoning-agent worker` processes through arq's Redis queue."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._url = redis_url
+        self._pool: Any = None
+
+    async def _connected(self) -> Any:
+        """The pool, made on first use, so the service starts even while Redis is away."""
+        if self._pool is None:
+            from arq import create_pool
+            from arq.connections import RedisSettings
+
+            settings = RedisSettings.from_dsn(self._url)
+            settings.conn_retries = 0
+            self._pool = await create_pool(settings, default_queue_name=QUEUE)
+        return self._pool
+
+    async def submit(self, task_id: str) -> None:
+        pool = await self._connected()
+        await pool.enqueue_job("run_task", task_id, _job_id=task_id, _queue_name=QUEUE)
+
+    async def cancel(self, task_id: str) -> None:
+        from arq.jobs import Job
+
+        job = Job(task_id, await self._connected(), _queue_name=QUEUE)
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await job.abort(timeout=0.1, poll_delay=0.05)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """arq Worker options for `reasoning-agent worker`."""
+    from arq import cron, func
+    from arq.connections import RedisSettings
+
+    from reasoning_agent import db
+    from reasoning_agent.llm import load_provider
+
+    assert settings.redis_url is not None
+    deadline = settings.llm_timeout_s
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        engine = db.create_engine(settings.database_url.get_secret_value())
+        provider = load_provider(settings)
+        ctx.update(
+            engine=engine,
+            sessions=db.session_factory(engine),
+            provider=provider,
+            agent=ReasoningAgent(provider, timeout_s=deadline),
+        )
+        log.info("worker started", extra={"provider": provider.name, "queue": QUEUE})
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        await ctx["provider"].aclose()
+        await ctx["engine"].dispose()
+
+    async def run_task(ctx: dict[str, Any], task_id: str) -> None:
+        # `running` too: arq runs a job again only after the worker that had it is gone.
+        await execute(
+            task_id,
+            sessions=ctx["sessions"],
+            agent=ctx["agent"],
+            store_text=settings.store_prompts,
+            statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING),
+        )
+
+    async def sweep(ctx: dict[str, Any]) -> None:
+        """Fail what outlived every retry: nothing stays `running` forever."""
+        async with ctx["sessions"]() as session:
+            failed = await tasks.fail_interrupted(
+                session, older_than=timedelta(seconds=4 * (deadline + 15))
+            )
+        if failed:
+            log.warning("marked interrupted tasks as failed", extra={"failed": failed})
+
+    return {
+        "functions": [func(run_task, name="run_task", max_tries=3)],
+        "cron_jobs": [cron(sweep, second={0}, run_at_startup=True)],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url.get_secret_value()),
+        "queue_name": QUEUE,
+        "job_timeout": deadline + 5,  # the agent keeps the deadline; this only catches a hang
+        "max_jobs": settings.worker_concurrency,
+        "allow_abort_jobs": True,
+        "keep_result": 0,
+        "poll_delay": 0.1,
+    }

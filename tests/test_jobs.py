@@ -1,0 +1,158 @@
+"""Background tasks: 202 and polling, cancelling, resuming after a crash, and arq workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import StartService
+from tests.fake_openai import FakeOpenAI, Step
+from tests.support import Service, command, redis_url
+
+
+def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = client.get(f"/task/{task_id}").json()
+        if task["status"] in statuses:
+            return task
+        assert time.monotonic() < deadline, f"task stayed {task['status']}"
+        time.sleep(0.1)
+
+
+def test_async_mode_answers_202_and_the_task_completes(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.default_delay = 0.5
+    service = start_service()
+    with service.client() as client:
+        response = client.post("/task", json={"prompt": "think slowly", "mode": "async"})
+        assert response.status_code == 202
+        task = response.json()
+        assert task["status"] in ("queued", "running") and task["answer"] is None
+        assert response.headers["Location"] == f"/task/{task['id']}"
+        done = wait_for(client, task["id"], {"completed"})
+        assert done["answer"] == "fake answer to: think slowly" and done["attempts"] == 1
+
+        preferred = client.post(
+            "/task", json={"prompt": "prefer"}, headers={"Prefer": "respond-async"}
+        )
+        assert preferred.status_code == 202
+        assert preferred.headers["Preference-Applied"] == "respond-async"
+        assert wait_for(client, preferred.json()["id"], {"completed"})["status"] == "completed"
+
+
+def test_cancel_a_queued_and_a_running_task(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.default_delay = 3.0
+    service = start_service(WORKER_CONCURRENCY="1")
+    with service.client() as client:
+        running = client.post("/task", json={"prompt": "first", "mode": "async"}).json()
+        queued = client.post("/task", json={"prompt": "second", "mode": "async"}).json()
+        wait_for(client, running["id"], {"running"})
+        assert client.get(f"/task/{queued['id']}").json()["status"] == "queued"
+
+        cancelled = client.delete(f"/task/{queued['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        stopped = client.delete(f"/task/{running['id']}").json()
+        assert stopped["status"] == "cancelled" and stopped["error"] == "cancelled by the caller"
+
+        time.sleep(3.5)  # past the upstream's delay: nothing overwrites the cancellation
+        for task_id in (running["id"], queued["id"]):
+            assert client.get(f"/task/{task_id}").json()["status"] == "cancelled"
+        assert [r.body["messages"][-1]["content"] for r in fake_llm.requests] == ["first"]
+
+        again = client.delete(f"/task/{running['id']}")
+        assert again.status_code == 409 and again.json()["error"]["type"] == "conflict"
+        assert client.delete("/task/0123456789abcdef0123456789abcdef").status_code == 404
+        done = client.post("/task", json={"prompt": "sync"}).json()
+        assert client.delete(f"/task/{done['id']}").status_code == 409
+
+
+def test_queued_and_running_tasks_resume_after_sigkill(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(hang=True))
+    service = start_service(WORKER_CONCURRENCY="1")
+    with service.client() as client:
+        ids = [
+            client.post("/task", json={"prompt": f"resume {i}", "mode": "async"}).json()["id"]
+            for i in range(2)
+        ]
+        wait_for(client, ids[0], {"running"})
+    service.stop(signal.SIGKILL)
+    fake_llm.reset()
+    service.restart()
+    with service.client() as client:
+        for task_id in ids:
+            assert wait_for(client, task_id, {"completed", "failed"})["status"] == "completed"
+    assert "resumed background tasks" in service.logs()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def start(service: Service) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(workers)}.log").open("ab")
+        process = subprocess.Popen(
+            [*command(), "worker"],
+            env=service.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        workers.append(process)
+        return process
+
+    yield start
+    for process in workers:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def test_arq_workers_run_tasks_and_a_killed_worker_is_retried(
+    start_service: StartService, fake_llm: FakeOpenAI, start_worker: Callable, tmp_path: Path
+) -> None:
+    service = start_service(REDIS_URL=redis_url(), LLM_TIMEOUT_S="2")
+    worker = start_worker(service)
+    with service.client() as client:
+        first = client.post("/task", json={"prompt": "via arq", "mode": "async"}).json()
+        assert wait_for(client, first["id"], {"completed"})["answer"] == "fake answer to: via arq"
+
+        fake_llm.default_delay = 1.5
+        doomed = client.post("/task", json={"prompt": "outlive the worker", "mode": "async"}).json()
+        wait_for(client, doomed["id"], {"running"})
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        fake_llm.default_delay = 0.0
+        start_worker(service)
+        # arq hands the job out again once the dead worker's claim expires (job timeout + 10 s).
+        retried = wait_for(client, doomed["id"], {"completed", "failed"}, timeout=60)
+        assert retried["status"] == "completed"
+        assert [r.body["messages"][-1]["content"] for r in fake_llm.requests].count(
+            "outlive the worker"
+        ) == 2
+
+
+def test_arq_cancel_stops_the_running_job(
+    start_service: StartService, fake_llm: FakeOpenAI, start_worker: Callable
+) -> None:
+    fake_llm.default_delay = 3.0
+    service = start_service(REDIS_URL=redis_url(), LLM_TIMEOUT_S="10")
+    start_worker(service)
+    with service.client() as client:
+        task = client.post("/task", json={"prompt": "stop me", "mode": "async"}).json()
+        wait_for(client, task["id"], {"running"})
+        assert client.delete(f"/task/{task['id']}").json()["status"] == "cancelled"
+        time.sleep(3.5)
+        assert client.get(f"/task/{task['id']}").json()["status"] == "cancelled"
