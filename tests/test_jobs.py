@@ -77,23 +77,25 @@ def test_cancel_a_queued_and_a_running_task(
         assert client.delete(f"/task/{done['id']}").status_code == 409
 
 
-def test_queued_and_running_tasks_resume_after_sigkill(
+def test_after_sigkill_queued_tasks_resume_and_running_ones_fail_as_interrupted(
     start_service: StartService, fake_llm: FakeOpenAI
 ) -> None:
     fake_llm.script(Step(hang=True))
-    service = start_service(WORKER_CONCURRENCY="1")
+    service = start_service(WORKER_CONCURRENCY="1", LLM_TIMEOUT_S="2")
     with service.client() as client:
-        ids = [
+        running, queued = (
             client.post("/task", json={"prompt": f"resume {i}", "mode": "async"}).json()["id"]
             for i in range(2)
-        ]
-        wait_for(client, ids[0], {"running"})
+        )
+        wait_for(client, running, {"running"})
     service.stop(signal.SIGKILL)
     fake_llm.reset()
     service.restart()
     with service.client() as client:
-        for task_id in ids:
-            assert wait_for(client, task_id, {"completed", "failed"})["status"] == "completed"
+        assert wait_for(client, queued, {"completed", "failed"})["status"] == "completed"
+        interrupted = wait_for(client, running, {"completed", "failed"}, timeout=30)
+        assert interrupted["status"] == "failed"
+        assert interrupted["error"].startswith("interrupted")
     assert "resumed background tasks" in service.logs()
 
 

@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sessions = db.session_factory(engine)
         agent = ReasoningAgent(provider, timeout_s=settings.llm_timeout_s)
         runner: jobs.Runner
-        if settings.redis_url is not None:
+        if settings.uses_arq and settings.redis_url is not None:
             runner = jobs.ArqRunner(settings.redis_url.get_secret_value())
         else:
             local = jobs.InProcessRunner(
@@ -94,6 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "tracing": tracing,
             },
         )
+        sweeping = asyncio.create_task(
+            jobs.sweep_forever(sessions, deadline_s=settings.llm_timeout_s, arq=settings.uses_arq)
+        )
         purging = None
         if settings.retention_days is not None:
             purging = asyncio.create_task(
@@ -107,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            sweeping.cancel()
             if purging is not None:
                 purging.cancel()
             await runner.aclose()

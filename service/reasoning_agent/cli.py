@@ -117,9 +117,8 @@ def _work(settings: Settings) -> None:
 def _recover(settings: Settings) -> None:
     """Before serving: tasks left pending by a process that died are failed, never stuck."""
     import asyncio
-    from datetime import timedelta
 
-    from reasoning_agent import db, tasks
+    from reasoning_agent import db, jobs, tasks
 
     async def run() -> int:
         engine = db.create_engine(settings.database_url.get_secret_value())
@@ -127,7 +126,7 @@ def _recover(settings: Settings) -> None:
             async with db.session_factory(engine)() as session:
                 # Older than the deadline: no live process of any replica can still answer them.
                 return await tasks.fail_interrupted(
-                    session, older_than=timedelta(seconds=settings.llm_timeout_s + 5)
+                    session, **jobs.horizons(settings.llm_timeout_s, arq=settings.uses_arq)
                 )
         finally:
             await engine.dispose()

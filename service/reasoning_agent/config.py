@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
     worker_concurrency: int = Field(10, ge=1, le=1000)
+    task_runner: Literal["auto", "arq", "local"] = "auto"
     metrics_port: int | None = Field(None, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -73,12 +74,21 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sane_together(self) -> Settings:
+        if self.task_runner == "arq" and self.redis_url is None:
+            raise ValueError("TASK_RUNNER=arq needs REDIS_URL: the queue lives in Redis")
         if self.workers > 1 and self.redis_url is None:
             raise ValueError(
                 f"WORKERS={self.workers} without REDIS_URL would give every worker its own "
                 "rate-limit counters; set REDIS_URL or use WORKERS=1"
             )
         return self
+
+    @property
+    def uses_arq(self) -> bool:
+        """Background tasks go through Redis to `reasoning-agent worker` processes."""
+        return self.task_runner == "arq" or (
+            self.task_runner == "auto" and self.redis_url is not None
+        )
 
     @cached_property
     def rate_limits(self) -> list[limits.RateLimitItem]:

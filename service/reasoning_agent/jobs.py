@@ -19,11 +19,20 @@ from reasoning_agent.config import Settings
 from reasoning_agent.errors import for_llm_error
 from reasoning_agent.models import TaskStatus
 
-__all__ = ["ArqRunner", "InProcessRunner", "Runner", "execute", "worker_settings"]
+__all__ = [
+    "ArqRunner",
+    "InProcessRunner",
+    "Runner",
+    "execute",
+    "horizons",
+    "sweep_forever",
+    "worker_settings",
+]
 
 log = logging.getLogger(__name__)
 
 QUEUE = "reasoning-agent:tasks"
+MAX_TRIES = 3  # runs of one background task, when the workers running it die
 
 
 class Runner(Protocol):
@@ -111,12 +120,12 @@ class InProcessRunner:
                 log.exception("background task %s failed unexpectedly", task_id)
 
     async def resume(self, sessions: async_sessionmaker[AsyncSession]) -> int:
-        """Pick up what a stopped process left queued or running (one process has no Redis)."""
-        unfinished = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+        """Pick up what a stopped process left queued. (A `running` one may belong to a live
+        sibling worker; the sweep fails it once it is past the deadline.)"""
         async with sessions() as session:
-            ids = await tasks.unfinished_ids(session, statuses=unfinished)
+            ids = await tasks.unfinished_ids(session, statuses=(TaskStatus.QUEUED,))
         for task_id in ids:
-            await self.submit(task_id, statuses=unfinished)
+            await self.submit(task_id)
         return len(ids)
 
     async def cancel(self, task_id: str) -> None:
@@ -164,6 +173,30 @@ class ArqRunner:
             await self._pool.aclose()
 
 
+def horizons(deadline_s: float, *, arq: bool) -> dict[str, timedelta]:
+    """How long a `pending` and a `running` task may live before its process must be dead.
+    A request or an in-process job ends by the deadline; an arq job may be handed out again
+    (its claim lasts job_timeout + 10 s) up to max_tries times."""
+    request = timedelta(seconds=deadline_s + 5)
+    retries = timedelta(seconds=MAX_TRIES * (deadline_s + 5 + 10) + 15)
+    return {"pending_after": request, "running_after": retries if arq else request}
+
+
+async def sweep_forever(
+    sessions: async_sessionmaker[AsyncSession], *, deadline_s: float, arq: bool
+) -> None:
+    """Fail tasks left `pending` or `running` by a process that died."""
+    while True:
+        await asyncio.sleep(min(60.0, deadline_s))
+        try:
+            async with sessions() as session:
+                failed = await tasks.fail_interrupted(session, **horizons(deadline_s, arq=arq))
+            if failed:
+                log.warning("marked interrupted tasks as failed", extra={"failed": failed})
+        except Exception as exc:
+            log.error("sweep failed: %s", exc.__class__.__name__)
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """arq Worker options for `reasoning-agent worker`."""
     from arq import cron, func
@@ -203,14 +236,12 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     async def sweep(ctx: dict[str, Any]) -> None:
         """Fail what outlived every retry: nothing stays `running` forever."""
         async with ctx["sessions"]() as session:
-            failed = await tasks.fail_interrupted(
-                session, older_than=timedelta(seconds=4 * (deadline + 15))
-            )
+            failed = await tasks.fail_interrupted(session, **horizons(deadline, arq=True))
         if failed:
             log.warning("marked interrupted tasks as failed", extra={"failed": failed})
 
     return {
-        "functions": [func(run_task, name="run_task", max_tries=3)],
+        "functions": [func(run_task, name="run_task", max_tries=MAX_TRIES)],
         "cron_jobs": [cron(sweep, second={0}, run_at_startup=True)],
         "on_startup": startup,
         "on_shutdown": shutdown,

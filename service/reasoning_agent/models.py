@@ -83,4 +83,5 @@ class Task(Base):
         Index("ix_tasks_owner_created", "owner", "created_at", "id"),
         Index("ux_tasks_owner_idempotency", "owner", "idempotency_key", unique=True),
         Index("ix_tasks_created", "created_at"),
+        Index("ix_tasks_status_created", "status", "created_at"),
     )

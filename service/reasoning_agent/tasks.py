@@ -215,14 +215,18 @@ async def delete_older_than(session: AsyncSession, cutoff: datetime, *, batch: i
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-async def fail_interrupted(session: AsyncSession, *, older_than: timedelta) -> int:
-    """Mark tasks still unfinished past the deadline as failed: their process is gone."""
+async def fail_interrupted(
+    session: AsyncSession, *, pending_after: timedelta, running_after: timedelta
+) -> int:
+    """Fail tasks unfinished for longer than any live process could take: theirs is gone."""
     now = datetime.now(UTC)
     result = await session.execute(
         update(Task)
         .where(
-            Task.status.in_((TaskStatus.PENDING, TaskStatus.RUNNING)),
-            Task.created_at < now - older_than,
+            or_(
+                and_(Task.status == TaskStatus.PENDING, Task.created_at < now - pending_after),
+                and_(Task.status == TaskStatus.RUNNING, Task.created_at < now - running_after),
+            )
         )
         .values(
             status=TaskStatus.FAILED,

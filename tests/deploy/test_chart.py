@@ -478,3 +478,28 @@ def test_metrics_port_service_monitor_and_dashboard() -> None:
     assert [p["name"] for p in find(off, "Service", "ra-reasoning-agent")["spec"]["ports"]] == [
         "http"
     ]
+
+
+def test_worker_pods_run_only_where_they_can_share_the_database_and_the_queue() -> None:
+    sqlite = render(DEFAULT)
+    assert find(sqlite, "ConfigMap", "ra-reasoning-agent")["data"]["TASK_RUNNER"] == "local"
+    assert not [d for d in sqlite if d["metadata"]["name"] == "ra-reasoning-agent-worker"]
+
+    docs = render(EXTERNAL, sets={"worker.replicaCount": "4"})
+    assert find(docs, "ConfigMap", "ra-reasoning-agent")["data"]["TASK_RUNNER"] == "arq"
+    worker = find(docs, "Deployment", "ra-reasoning-agent-worker")
+    assert worker["spec"]["replicas"] == 4
+    pod = worker["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["worker"]
+    env = env_of(container)
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "database-url"
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "redis-url"
+    app_selector = app_deployment(docs)["spec"]["selector"]["matchLabels"]
+    worker_labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert not all(worker_labels.get(k) == v for k, v in app_selector.items()) or (
+        "app.kubernetes.io/component" in app_selector
+    ), "the HTTP Deployment's selector must not adopt worker pods"
+
+    off = render(EXTERNAL, sets={"worker.enabled": "false"})
+    assert find(off, "ConfigMap", "ra-reasoning-agent")["data"]["TASK_RUNNER"] == "local"

@@ -105,3 +105,54 @@ key: database-url
 {{- fail "externalRedis replaces the bundled Redis: set redis.enabled=false with it" }}
 {{- end }}
 {{- end }}
+
+{{/* The environment the HTTP pods and the worker pods share: secrets, database and Redis. */}}
+{{- define "reasoning-agent.sharedEnv" -}}
+{{- $external := include "reasoning-agent.externalDatabase" . }}
+- name: OPENAI_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "reasoning-agent.keysSecret" . }}
+      key: {{ include "reasoning-agent.openaiKeyKey" . }}
+      optional: true
+{{- if $external }}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      {{- include "reasoning-agent.databaseUrlRef" . | nindent 6 }}
+{{- else }}
+- name: DATABASE_URL
+  value: sqlite:////data/reasoning_agent.db
+{{- end }}
+{{- if .Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.auth.existingSecret | default (include "reasoning-agent.redisFullname" .) }}
+      key: {{ .Values.redis.auth.existingSecretKey }}
+- name: REDIS_URL
+  value: redis://:$(REDIS_PASSWORD)@{{ include "reasoning-agent.redisFullname" . }}:6379/0
+{{- else if or .Values.externalRedis.url .Values.externalRedis.existingSecret }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.externalRedis.existingSecret | default (include "reasoning-agent.fullname" .) }}
+      key: {{ if .Values.externalRedis.existingSecret }}{{ .Values.externalRedis.existingSecretKey }}{{ else }}redis-url{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* Redis for limits and the task queue: bundled, or external. */}}
+{{- define "reasoning-agent.hasRedis" -}}
+{{- if or .Values.redis.enabled .Values.externalRedis.url .Values.externalRedis.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* Worker pods run when they can share the database (external) and the queue (Redis). */}}
+{{- define "reasoning-agent.workerEnabled" -}}
+{{- if and .Values.worker.enabled (include "reasoning-agent.externalDatabase" .) (include "reasoning-agent.hasRedis" .) }}true{{ end }}
+{{- end }}
+
+{{/* The HTTP pods: the Service, PDB and NetworkPolicy must not pick worker or hook pods. */}}
+{{- define "reasoning-agent.serverSelectorLabels" -}}
+{{ include "reasoning-agent.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}

@@ -24,9 +24,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("answer_chars", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("answer_sha256", sa.String(64), nullable=True))
     op.create_index("ix_tasks_created", "tasks", ["created_at"])
+    op.create_index("ix_tasks_status_created", "tasks", ["status", "created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_tasks_status_created", "tasks")
     op.drop_index("ix_tasks_created", "tasks")
     with op.batch_alter_table("tasks") as batch:
         for column in ("answer_sha256", "answer_chars", "prompt_sha256", "prompt_chars"):
