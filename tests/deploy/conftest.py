@@ -82,8 +82,8 @@ def app_deployment(docs: list[dict]) -> dict:
         d
         for d in docs
         if d["kind"] == "Deployment"
-        and d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
-        == "reasoning-agent"
+        and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        == "server"
     )
 
 

@@ -495,11 +495,16 @@ def test_worker_pods_run_only_where_they_can_share_the_database_and_the_queue() 
     env = env_of(container)
     assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "database-url"
     assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "redis-url"
-    app_selector = app_deployment(docs)["spec"]["selector"]["matchLabels"]
     worker_labels = worker["spec"]["template"]["metadata"]["labels"]
-    assert not all(worker_labels.get(k) == v for k, v in app_selector.items()) or (
-        "app.kubernetes.io/component" in app_selector
-    ), "the HTTP Deployment's selector must not adopt worker pods"
+    job_labels = find(docs, "Job")["spec"]["template"]["metadata"]["labels"]
+    selectors = [
+        app_deployment(docs)["spec"]["selector"]["matchLabels"],
+        find(docs, "Service", "ra-reasoning-agent")["spec"]["selector"],
+        find(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ]
+    for selector in selectors:  # the HTTP pods' selectors pick neither workers nor hook pods
+        for labels in (worker_labels, job_labels):
+            assert not all(labels.get(k) == v for k, v in selector.items()), selector
 
     off = render(EXTERNAL, sets={"worker.enabled": "false"})
     assert find(off, "ConfigMap", "ra-reasoning-agent")["data"]["TASK_RUNNER"] == "local"
