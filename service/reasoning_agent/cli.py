@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         help="keep trying this long while the database is not reachable yet",
     )
     args = parser.parse_args(argv)
+    if args.command == "serve" and not args.reload:
+        _prepare_metrics_dir()  # before anything imports prometheus_client
 
     try:
         if args.command == "migrate":
@@ -165,15 +167,20 @@ def _serve_metrics(host: str, port: int) -> None:
     start_http_server(port, addr=host, registry=registry)
 
 
-def _serve_gunicorn(settings: Settings) -> None:
-    # Workers share one metrics directory; it must be set before prometheus_client is imported.
+def _prepare_metrics_dir() -> None:
+    """One empty metrics directory for all workers. prometheus_client reads the variable when it
+    is first imported, so this runs before any module of ours is."""
+    assert "prometheus_client" not in sys.modules, "prometheus_client was imported too early"
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         Path(metrics_dir).mkdir(parents=True)
     else:
-        metrics_dir = tempfile.mkdtemp(prefix="reasoning-agent-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="reasoning-agent-metrics-")
+
+
+def _serve_gunicorn(settings: Settings) -> None:
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
     from gunicorn.app.base import BaseApplication
 
