@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install tools run test test-sqlite test-postgres lint migrate manifests dashboard clean
+.PHONY: install tools run test test-sqlite test-postgres lint migrate manifests dashboard bench clean
 
 install: $(STAMP)
 
@@ -43,19 +43,26 @@ manifests: tools
 	   .tools/bin/helm template reasoning-agent charts/reasoning-agent -f k8s/kind-values.yaml \
 	     --kube-version 1.35.0 --skip-tests; } > k8s/reasoning-agent.yaml
 
+# The service against a bare pass-through and LiteLLM proxy (installs wrk and LiteLLM itself).
+bench: install
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } \
+		|| { echo "bench: install wrk (apt-get install wrk)"; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 # Render the Grafana dashboard's panels from a one-minute local run (needs the local Redis).
 dashboard: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) bench/dashboard.py
 
-# The whole suite on SQLite, then the integration tests again on the local PostgreSQL.
+# The whole suite on SQLite, then every test that touches the database again on PostgreSQL.
 test: test-sqlite test-postgres
 
 test-sqlite: install tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 test-postgres: install
-	TEST_DATABASE=postgresql $(PY) -m pytest --ignore=tests/deploy $(PYTEST_ARGS)
+	TEST_DATABASE=postgresql $(PY) -m pytest --ignore=tests/deploy -m "not database_agnostic" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check service tests bench

@@ -11,6 +11,9 @@ import pytest
 
 from tests.support import ALICE, command, free_port
 
+# Its subject is not the database: the PostgreSQL pass skips it.
+pytestmark = pytest.mark.database_agnostic
+
 GOOD = {"API_KEYS": f"alice:{ALICE}", "LLM_PROVIDER": "mock"}
 
 

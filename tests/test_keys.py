@@ -12,6 +12,9 @@ from reasoning_agent.keys import KeyRing, fingerprint, parse_keys
 from tests.conftest import StartService
 from tests.support import ALICE, BOB
 
+# Its subject is not the database: the PostgreSQL pass skips it.
+pytestmark = pytest.mark.database_agnostic
+
 CAROL = "carol-key-0123456789abcdef"
 
 

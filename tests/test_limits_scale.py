@@ -18,6 +18,9 @@ from reasoning_agent.ratelimit import LocalLimiter, RateLimiter
 from tests.conftest import StartService
 from tests.support import ALICE, BOB, free_port, need, redis_url
 
+# Its subject is not the database: the PostgreSQL pass skips it.
+pytestmark = pytest.mark.database_agnostic
+
 CAROL = "carol-key-0123456789abcdef"
 
 

@@ -12,6 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from reasoning_agent import logs
 
+# Its subject is not the database: the PostgreSQL pass skips it.
+pytestmark = pytest.mark.database_agnostic
+
 
 @pytest.fixture
 def captured() -> Iterator[logging.Logger]:

@@ -8,9 +8,13 @@ import time
 from collections import Counter
 
 import httpx
+import pytest
 
 from tests.conftest import StartService
 from tests.support import ALICE, BOB, redis_url
+
+# Its subject is not the database: the PostgreSQL pass skips it.
+pytestmark = pytest.mark.database_agnostic
 
 
 def test_the_61st_task_in_a_minute_gets_429_with_retry_after(start_service: StartService) -> None:

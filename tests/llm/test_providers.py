@@ -13,6 +13,9 @@ from reasoning_agent.config import ConfigError, Settings
 from reasoning_agent.llm import ENTRY_POINT_GROUP, load_provider, provider_names
 from tests.support import ALICE
 
+# Its subject is not the database: the PostgreSQL pass skips it.
+pytestmark = pytest.mark.database_agnostic
+
 
 def settings(**values: object) -> Settings:
     return Settings(api_keys=f"alice:{ALICE}", **values)  # type: ignore[arg-type]

@@ -1,0 +1,542 @@
+"""`make bench`: the service side by side with a bare pass-through and LiteLLM proxy.
+
+Everything runs on loopback and is cleaned up after: a fast upstream (bench/upstream.py), the
+service (`reasoning-agent serve`: Redis limits, SQLite, metrics, tracing off), the pass-through
+(bench/passthrough.py) and LiteLLM proxy (its own virtualenv in bench/.litellm, skipped with a
+message when it cannot be installed), each with the same number of gunicorn/uvicorn workers.
+Load comes from wrk; contenders are measured in turn, A B C A B C, and each figure is the
+median of the rounds.
+
+    .venv/bin/python bench/run.py [--rounds 3] [--seconds 10] [--no-litellm] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support import ALICE, free_port, redis_url  # noqa: E402
+
+BENCH = REPO / "bench"
+RESULTS = BENCH / "results"
+LITELLM_VENV = BENCH / ".litellm"
+LITELLM_VERSION = "1.106.0"
+MASTER_KEY = "sk-bench-master-key-0123456789"
+PY = sys.executable
+
+
+@dataclass
+class Contender:
+    name: str
+    base_url: str
+    key: str | None
+    process: subprocess.Popen[bytes]
+    path: str = "/task"
+    pids: list[int] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        args,
+        env={**os.environ, **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited:\n{log.read_text()[-2000:]}")
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} never answered:\n{log.read_text()[-2000:]}")
+
+
+def start_upstream(tmp: Path, delay_ms: float) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    log = tmp / f"upstream-{port}.log"
+    process = spawn(
+        [PY, str(BENCH / "upstream.py"), "--port", str(port), "--delay-ms", str(delay_ms)], {}, log
+    )
+    wait_ready(f"http://127.0.0.1:{port}/", process, log)
+    return f"http://127.0.0.1:{port}", process
+
+
+def start_service(tmp: Path, upstream: str, workers: int) -> Contender:
+    port = free_port()
+    log = tmp / f"service-{port}.log"
+    env = {
+        "API_KEYS": f"alice:{ALICE}",
+        "DATABASE_URL": f"sqlite:///{tmp}/service-{port}.db",
+        "REDIS_URL": redis_url(db=11),
+        "RATE_LIMIT": "100000000/minute",
+        "QUERY_RATE_LIMIT": "100000000/minute",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": f"{upstream}/v1",
+        "OPENAI_MODEL": "bench-model",
+        "WORKERS": str(workers),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "INFO",
+    }
+    process = spawn([str(Path(PY).parent / "reasoning-agent"), "serve"], env, log)
+    wait_ready(f"http://127.0.0.1:{port}/livez", process, log)
+    return Contender("service", f"http://127.0.0.1:{port}", ALICE, process)
+
+
+def start_passthrough(tmp: Path, upstream: str, workers: int) -> Contender:
+    port = free_port()
+    log = tmp / f"passthrough-{port}.log"
+    process = spawn(
+        [
+            str(Path(PY).parent / "gunicorn"),
+            "bench.passthrough:app",
+            "-k",
+            "uvicorn_worker.UvicornWorker",
+            "-w",
+            str(workers),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--no-control-socket",
+            "--log-level",
+            "warning",
+        ],
+        {"OPENAI_BASE_URL": f"{upstream}/v1"},
+        log,
+    )
+    wait_ready(f"http://127.0.0.1:{port}/docs", process, log)
+    return Contender("pass-through", f"http://127.0.0.1:{port}", None, process)
+
+
+def litellm_available() -> bool:
+    """LiteLLM proxy in its own virtualenv (it pins versions the service does not share)."""
+    binary = LITELLM_VENV / "bin" / "litellm"
+    if binary.exists():
+        return True
+    print(f"installing litellm[proxy]=={LITELLM_VERSION} into {LITELLM_VENV.relative_to(REPO)} ...")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run(
+            [
+                str(LITELLM_VENV / "bin" / "pip"),
+                "install",
+                "--quiet",
+                f"litellm[proxy]=={LITELLM_VERSION}",
+            ],
+            check=True,
+            timeout=900,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"LiteLLM skipped: it could not be installed here ({exc})")
+        shutil.rmtree(LITELLM_VENV, ignore_errors=True)
+        return False
+    return binary.exists()
+
+
+def start_litellm(tmp: Path, upstream: str, workers: int) -> Contender:
+    port = free_port()
+    config = tmp / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: bench-model\n"
+        "    litellm_params:\n"
+        "      model: openai/bench-model\n"
+        f"      api_base: {upstream}/v1\n"
+        "      api_key: sk-bench\n"
+        "general_settings:\n"
+        f"  master_key: {MASTER_KEY}\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "  num_retries: 0\n"
+    )
+    log = tmp / f"litellm-{port}.log"
+    process = spawn(
+        [
+            str(LITELLM_VENV / "bin" / "litellm"),
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            str(workers),
+        ],
+        {"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"},
+        log,
+    )
+    wait_ready(f"http://127.0.0.1:{port}/health/liveliness", process, log, timeout=180)
+    return Contender(
+        "LiteLLM", f"http://127.0.0.1:{port}", MASTER_KEY, process, path="/chat/completions"
+    )
+
+
+def wrk(
+    url: str, *, connections: int, seconds: float, key: str | None, script: str
+) -> dict[str, float]:
+    """Requests per second and latency percentiles (ms) from one wrk run."""
+    threads = min(connections, 2)
+    result = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "--latency",
+            "-s",
+            str(BENCH / "wrk" / script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "API_KEY": key or ""},
+        check=True,
+    )
+    out = result.stdout
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        assert match, out
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": ms("50"),
+        "p99": ms("99"),
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+LITELLM_BODY = json.dumps(
+    {
+        "model": "bench-model",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
+)
+
+
+def script_for(contender: Contender) -> str:
+    if contender.name != "LiteLLM":
+        return "post.lua"
+    path = BENCH / "wrk" / "litellm.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{LITELLM_BODY}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {MASTER_KEY}"\n'
+    )
+    return "litellm.lua"
+
+
+def worker_pids(process: subprocess.Popen[bytes]) -> list[int]:
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def thousand_at_once(contender: Contender, n: int = 1000) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    headers = {"X-API-Key": contender.key} if contender.key else {}
+    async with httpx.AsyncClient(base_url=contender.base_url, limits=limits, timeout=120) as client:
+        started = time.monotonic()
+        responses = await asyncio.gather(
+            *(
+                client.post(contender.path, json={"prompt": f"q{i}"}, headers=headers)
+                for i in range(n)
+            ),
+            return_exceptions=True,
+        )
+        wall = time.monotonic() - started
+    errors = sum(1 for r in responses if isinstance(r, Exception) or r.status_code != 200)
+    return {"wall_s": wall, "errors": errors}
+
+
+def seed_tasks(db_path: Path, total: int, mine: int) -> None:
+    """Bulk rows straight into SQLite: `mine` for alice, the rest spread over 50 other keys."""
+    with sqlite3.connect(db_path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        rows = []
+        start = time.time() - total
+        for i in range(total):
+            owner = "alice" if i % (total // mine) == 0 else f"key{i % 50}"
+            stamp = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start + i)) + f".{i % 1000000:06d}"
+            )
+            rows.append(
+                (
+                    uuid.uuid4().hex,
+                    owner,
+                    "h",
+                    "completed",
+                    f"prompt {i}",
+                    f"answer {i}",
+                    "bench-model",
+                    "{}",
+                    1,
+                    stamp,
+                )
+            )
+            if len(rows) == 50_000:
+                db.executemany(
+                    "INSERT INTO tasks (id, owner, request_hash, status, prompt, answer, model, "
+                    "metadata, attempts, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                rows.clear()
+        if rows:
+            db.executemany(
+                "INSERT INTO tasks (id, owner, request_hash, status, prompt, answer, model, "
+                "metadata, attempts, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+        db.execute("ANALYZE")
+
+
+async def limiter_decisions(n: int = 5000) -> dict[str, float]:
+    from limits import parse_many
+
+    from reasoning_agent.ratelimit import RateLimiter
+
+    limiter = RateLimiter(redis_url=redis_url(db=11))
+    items = parse_many("100000000/minute")
+    times = []
+    try:
+        for _ in range(200):
+            await limiter.hit("task", "warmup", items)
+        for _ in range(n):
+            started = time.perf_counter()
+            await limiter.hit("task", "bench", items)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        await limiter.aclose()
+    times.sort()
+    return {"p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99)]}
+
+
+def median_of(rounds: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 round of 5 s, small /query seed")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.seconds = 1, 5
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk (make bench does it)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="ra-bench-"))
+    running: list[subprocess.Popen[bytes]] = []
+    contenders: list[Contender] = []
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "scenarios": {},
+    }
+    try:
+        upstream, up = start_upstream(tmp, delay_ms=0)
+        running.append(up)
+        contenders = [start_service(tmp, upstream, 1), start_passthrough(tmp, upstream, 1)]
+        if not args.no_litellm and litellm_available():
+            contenders.append(start_litellm(tmp, upstream, 1))
+
+        # (1) one connection: latency added over the upstream's own, (2) 16 connections: throughput
+        base = [
+            wrk(
+                f"{upstream}/v1/chat/completions",
+                connections=1,
+                seconds=args.seconds,
+                key=None,
+                script="post.lua",
+            )
+            for _ in range(args.rounds)
+        ]
+        one: dict[str, list] = {c.name: [] for c in contenders}
+        sixteen: dict[str, list] = {c.name: [] for c in contenders}
+        for r in range(args.rounds):
+            for c in contenders:
+                url = c.base_url + c.path
+                one[c.name].append(
+                    wrk(url, connections=1, seconds=args.seconds, key=c.key, script=script_for(c))
+                )
+            for c in contenders:
+                url = c.base_url + c.path
+                sixteen[c.name].append(
+                    wrk(url, connections=16, seconds=args.seconds, key=c.key, script=script_for(c))
+                )
+            print(f"round {r + 1}/{args.rounds} done")
+        up_p50, up_p99 = median_of(base, "p50"), median_of(base, "p99")
+        results["scenarios"]["upstream_alone"] = {"p50_ms": up_p50, "p99_ms": up_p99}
+        for c in contenders:
+            results["scenarios"].setdefault("added_latency_1_conn", {})[c.name] = {
+                "p50_ms": median_of(one[c.name], "p50") - up_p50,
+                "p99_ms": median_of(one[c.name], "p99") - up_p99,
+            }
+            results["scenarios"].setdefault("throughput_16_conn", {})[c.name] = {
+                "rps_per_worker": median_of(sixteen[c.name], "rps"),
+                "errors": sum(r["errors"] for r in sixteen[c.name]),
+            }
+        for c in contenders:
+            c.stop()
+        contenders = []
+
+        # (3) 1000 concurrent requests on a 1 s upstream, 2 workers
+        slow, slow_process = start_upstream(tmp, delay_ms=1000)
+        running.append(slow_process)
+        for starter in (start_service, start_passthrough):
+            contender = starter(tmp, slow, 2)
+            contenders.append(contender)
+            outcome = asyncio.run(thousand_at_once(contender))
+            outcome["peak_rss_mb_per_worker"] = max(
+                peak_rss_mb(p) for p in worker_pids(contender.process)
+            )
+            results["scenarios"].setdefault("thousand_concurrent_1s_upstream", {})[
+                contender.name
+            ] = outcome
+            contender.stop()
+            contenders.remove(contender)
+
+        # (4) GET /query with 1,000,000 tasks stored, 100,000 of them the caller's
+        total, mine = (100_000, 10_000) if args.quick else (1_000_000, 100_000)
+        service = start_service(tmp, upstream, 1)
+        contenders.append(service)
+        db_file = next(tmp.glob("service-*.db"))
+        started = time.monotonic()
+        seed_tasks(db_file, total, mine)
+        seeded_s = time.monotonic() - started
+        query = wrk(
+            f"{service.base_url}/query?limit=20",
+            connections=1,
+            seconds=args.seconds,
+            key=ALICE,
+            script="get.lua",
+        )
+        results["scenarios"]["query_latency"] = {
+            "rows": total,
+            "caller_rows": mine,
+            "seed_s": seeded_s,
+            "p50_ms": query["p50"],
+            "p99_ms": query["p99"],
+        }
+
+        # (5) the rate-limit decision alone
+        results["scenarios"]["rate_limit_decision"] = asyncio.run(limiter_decisions())
+    finally:
+        for c in contenders:
+            c.stop()
+        for process in running:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """The results as one Markdown table, with ratios to the pass-through and to LiteLLM."""
+    s = results["scenarios"]
+    added, rps = s["added_latency_1_conn"], s["throughput_16_conn"]
+    names = list(added)
+
+    def per_worker(name: str) -> float | None:
+        return rps.get(name, {}).get("rps_per_worker")
+
+    def ratio(value: float, base: float | None) -> str:
+        return f"{value / base:.2f}x" if base else "-"
+
+    lines = [
+        "| contender | added p50 (ms) | added p99 (ms) | req/s per worker (16 conn) | "
+        "vs pass-through (p50 / req/s) | vs LiteLLM (p50 / req/s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        p50, p99, throughput = (
+            added[name]["p50_ms"],
+            added[name]["p99_ms"],
+            rps[name]["rps_per_worker"],
+        )
+        floor, lite = added.get("pass-through"), added.get("LiteLLM")
+        lines.append(
+            f"| {name} | {p50:.2f} | {p99:.2f} | {throughput:.0f} | "
+            f"{ratio(p50, floor and floor['p50_ms'])} / {ratio(throughput, per_worker('pass-through'))} | "
+            f"{ratio(p50, lite and lite['p50_ms'])} / {ratio(throughput, per_worker('LiteLLM'))} |"
+        )
+    thousand = s["thousand_concurrent_1s_upstream"]
+    lines += [
+        "",
+        "| 1000 concurrent, 1 s upstream, 2 workers | wall (s) | errors | peak RSS per worker (MB) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in thousand.items():
+        lines.append(
+            f"| {name} | {row['wall_s']:.2f} | {row['errors']:.0f} | {row['peak_rss_mb_per_worker']:.0f} |"
+        )
+    q, rl = s["query_latency"], s["rate_limit_decision"]
+    lines += [
+        "",
+        f"GET /query with {q['rows']:,} rows ({q['caller_rows']:,} the caller's): "
+        f"p50 {q['p50_ms']:.2f} ms, p99 {q['p99_ms']:.2f} ms",
+        f"rate-limit decision against the local Redis: p50 {rl['p50']:.3f} ms, p99 {rl['p99']:.3f} ms",
+        f"machine: {results['machine']}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
