@@ -45,7 +45,7 @@ class Services:
     runner: Runner
 
 
-def _services(request: Request) -> Services:
+async def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -53,15 +53,15 @@ def _services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(_services)]
 
 
-def _settings(services: ServicesDep) -> Settings:
+async def _settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
-def _agent(services: ServicesDep) -> ReasoningAgent:
+async def _agent(services: ServicesDep) -> ReasoningAgent:
     return services.agent
 
 
-def _runner(services: ServicesDep) -> Runner:
+async def _runner(services: ServicesDep) -> Runner:
     return services.runner
 
 
@@ -73,7 +73,7 @@ async def _session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def _caller(request: Request, _: Annotated[str | None, Security(_api_key_header)]) -> ApiKey:
+async def _caller(request: Request, _: Annotated[str | None, Security(_api_key_header)]) -> ApiKey:
     """The caller AuthMiddleware already checked (declared here so OpenAPI shows the scheme)."""
     caller: ApiKey | None = getattr(request.state, "api_key", None)
     if caller is None:
