@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,19 @@ def base_env(upstream: FakeOpenAI, database_url: str) -> dict[str, str]:
     }
 
 
+@contextmanager
+def running_service(
+    upstream: FakeOpenAI, database_url: str, log_dir: Path, **env: str
+) -> Iterator[Service]:
+    """A service for a whole module: the test default plus `env`, stopped at the end."""
+    service = Service(base_env(upstream, database_url) | env, log_path=log_dir / "service.log")
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture
 def start_service(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[StartService]:
     """Start `reasoning-agent serve` with the given environment on top of a test default."""
@@ -80,11 +94,12 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def shared_service(
     upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    """One service per module and database, for tests that do not change its settings."""
-    env = base_env(upstream, database_url) | {
-        "RATE_LIMIT": "100000/minute",
-        "QUERY_RATE_LIMIT": "100000/minute",
-    }
-    service = Service(env, log_path=tmp_path_factory.mktemp("log") / "service.log").start()
-    yield service
-    service.stop()
+    """One service per module, for tests that do not change its settings."""
+    with running_service(
+        upstream,
+        database_url,
+        tmp_path_factory.mktemp("log"),
+        RATE_LIMIT="100000/minute",
+        QUERY_RATE_LIMIT="100000/minute",
+    ) as service:
+        yield service

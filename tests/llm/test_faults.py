@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import base_env
+from tests.conftest import running_service
 from tests.fake_openai import FakeOpenAI, Step
 from tests.support import Service
 
@@ -17,15 +17,15 @@ from tests.support import Service
 def service(
     upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("faults")
-    env = base_env(upstream, database_url) | {
-        "LLM_MAX_ATTEMPTS": "2",
-        "LLM_TIMEOUT_S": "2",
-        "RATE_LIMIT": "10000/minute",
-    }
-    service = Service(env, log_path=tmp / "service.log").start()
-    yield service
-    service.stop()
+    with running_service(
+        upstream,
+        database_url,
+        tmp_path_factory.mktemp("faults"),
+        LLM_MAX_ATTEMPTS="2",
+        LLM_TIMEOUT_S="2",
+        RATE_LIMIT="10000/minute",
+    ) as service:
+        yield service
 
 
 COMPLETION = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}

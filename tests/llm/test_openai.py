@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import base_env
+from tests.conftest import running_service
 from tests.fake_openai import FakeOpenAI, Step
 from tests.support import OPENAI_KEY, Service
 
@@ -19,15 +19,15 @@ TIMEOUT_S = 3
 def service(
     upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("openai")
-    env = base_env(upstream, database_url) | {
-        "LLM_MAX_ATTEMPTS": "3",
-        "LLM_TIMEOUT_S": str(TIMEOUT_S),
-        "RATE_LIMIT": "10000/minute",
-    }
-    service = Service(env, log_path=tmp / "service.log").start()
-    yield service
-    service.stop()
+    with running_service(
+        upstream,
+        database_url,
+        tmp_path_factory.mktemp("openai"),
+        LLM_MAX_ATTEMPTS="3",
+        LLM_TIMEOUT_S=str(TIMEOUT_S),
+        RATE_LIMIT="10000/minute",
+    ) as service:
+        yield service
 
 
 def attempt_logs(service: Service) -> list[dict]:
