@@ -219,7 +219,7 @@ def wrk(
             "-c",
             str(connections),
             "-d",
-            f"{seconds}s",
+            f"{max(1, round(seconds))}s",  # wrk takes whole seconds only
             "--latency",
             "-s",
             str(BENCH / "wrk" / script),
