@@ -100,20 +100,20 @@ def _ms_since(started: float) -> float:
 class InProcessRunner:
     """Runs tasks as asyncio tasks of this worker, at most `concurrency` at once."""
 
-    def __init__(self, run: Callable[..., Awaitable[None]], *, concurrency: int = 8) -> None:
+    def __init__(self, run: Callable[[str], Awaitable[None]], *, concurrency: int = 8) -> None:
         self._run = run
         self._slots = asyncio.Semaphore(concurrency)
         self._running: dict[str, asyncio.Task[None]] = {}
 
-    async def submit(self, task_id: str, **options: Any) -> None:
-        job = asyncio.create_task(self._guarded(task_id, options), name=f"task-{task_id}")
+    async def submit(self, task_id: str) -> None:
+        job = asyncio.create_task(self._guarded(task_id), name=f"task-{task_id}")
         self._running[task_id] = job
         job.add_done_callback(lambda _: self._running.pop(task_id, None))
 
-    async def _guarded(self, task_id: str, options: dict[str, Any]) -> None:
+    async def _guarded(self, task_id: str) -> None:
         async with self._slots:
             try:
-                await self._run(task_id, **options)
+                await self._run(task_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
