@@ -47,6 +47,11 @@ def test_async_mode_answers_202_and_the_task_completes(
         assert preferred.status_code == 202
         assert preferred.headers["Preference-Applied"] == "respond-async"
         assert wait_for(client, preferred.json()["id"], {"completed"})["status"] == "completed"
+        metrics = client.get("/metrics").text  # background calls count like any other
+        calls = 'reasoning_agent_llm_calls_total{model="fake-model",outcome="ok",provider="openai"}'
+        assert f"{calls} 2.0" in metrics
+        assert 'reasoning_agent_tasks_total{status="completed"} 2.0' in metrics
+        assert 'reasoning_agent_llm_tokens_total{direction="output",key="alice"}' in metrics
 
 
 def test_cancel_a_queued_and_a_running_task(

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -17,12 +18,14 @@ from reasoning_agent import llm, metrics, tasks
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.config import Settings
 from reasoning_agent.errors import for_llm_error
-from reasoning_agent.models import TaskStatus
+from reasoning_agent.models import Task, TaskStatus
 
 __all__ = [
     "ArqRunner",
     "InProcessRunner",
+    "Outcome",
     "Runner",
+    "answer",
     "execute",
     "horizons",
     "sweep_forever",
@@ -45,6 +48,73 @@ class Runner(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one call to the agent gave: an answer or an error, and how long it took."""
+
+    result: llm.LLMResult | None
+    error: llm.LLMError | None
+    seconds: float
+
+
+async def answer(
+    session: AsyncSession,
+    task: Task,
+    agent: ReasoningAgent,
+    *,
+    prompt: str,
+    system: str | None,
+    store_text: bool,
+    expect: str | None = None,
+) -> Outcome:
+    """Ask the agent, record the answer or the failure on the task, and count both; the one
+    path for requests and background tasks alike. With `expect`, a task no longer in that
+    status (cancelled meanwhile) is left as it is."""
+    started = time.monotonic()
+    provider, model = agent.provider.name, metrics.model_label(task.model)
+    try:
+        result = await agent.run(
+            prompt,
+            system=system,
+            model=task.model,
+            temperature=task.temperature,
+            max_tokens=task.max_tokens,
+        )
+    except llm.LLMError as exc:
+        seconds = time.monotonic() - started
+        error_type = for_llm_error(exc).type
+        metrics.LLM_CALLS.labels(provider, model, error_type).inc()
+        metrics.LLM_SECONDS.labels(provider, model).observe(seconds)
+        failed = await tasks.mark_failed(
+            session,
+            task,
+            error_type=error_type,
+            message=str(exc),
+            attempts=exc.attempts,
+            latency_ms=round(seconds * 1000, 2),
+            expect=expect,
+        )
+        if failed:
+            metrics.TASKS.labels(TaskStatus.FAILED).inc()
+        return Outcome(None, exc, seconds)
+    seconds = time.monotonic() - started
+    metrics.LLM_CALLS.labels(provider, model, "ok").inc()
+    metrics.LLM_SECONDS.labels(provider, model).observe(seconds)
+    metrics.TOKENS.labels(task.owner, "input").inc(result.prompt_tokens or 0)
+    metrics.TOKENS.labels(task.owner, "output").inc(result.completion_tokens or 0)
+    done = await tasks.mark_completed(
+        session,
+        task,
+        result,
+        latency_ms=round(seconds * 1000, 2),
+        store_text=store_text,
+        expect=expect,
+    )
+    if done:
+        metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
+    return Outcome(result, None, seconds)
+
+
 async def execute(
     task_id: str,
     *,
@@ -59,42 +129,15 @@ async def execute(
         if task is None:
             return  # cancelled, finished, or another process has it
         assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
-        started = time.monotonic()
-        try:
-            result = await agent.run(
-                task.prompt,
-                system=task.system,
-                model=task.model,
-                temperature=task.temperature,
-                max_tokens=task.max_tokens,
-            )
-        except llm.LLMError as exc:
-            failed = await tasks.mark_failed(
-                session,
-                task,
-                error_type=for_llm_error(exc).type,
-                message=str(exc),
-                attempts=exc.attempts,
-                latency_ms=_ms_since(started),
-                expect=TaskStatus.RUNNING,
-            )
-            if failed:
-                metrics.TASKS.labels(TaskStatus.FAILED).inc()
-            return
-        done = await tasks.mark_completed(
+        await answer(
             session,
             task,
-            result,
-            latency_ms=_ms_since(started),
+            agent,
+            prompt=task.prompt,
+            system=task.system,
             store_text=store_text,
             expect=TaskStatus.RUNNING,
         )
-        if done:
-            metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
-
-
-def _ms_since(started: float) -> float:
-    return round((time.monotonic() - started) * 1000, 2)
 
 
 class InProcessRunner:

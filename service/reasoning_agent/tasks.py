@@ -54,7 +54,7 @@ def _sha256(text: str) -> str:
 def request_hash(body: TaskIn, model: str) -> str:
     """A digest of what was asked, so an Idempotency-Key reused for another request is caught."""
     canonical = json.dumps({**body.model_dump(), "model": model}, sort_keys=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return _sha256(canonical)
 
 
 async def create_pending(
@@ -69,7 +69,8 @@ async def create_pending(
     store_text: bool = True,
     status: str = TaskStatus.PENDING,
 ) -> tuple[Task, bool]:
-    """Store the task as pending and commit; with a known Idempotency-Key, return the earlier one."""
+    """Store the task (`pending`, or `queued` for the background) and commit before the LLM is
+    called; with a known Idempotency-Key, return the earlier task instead."""
     if idempotency_key is not None:
         earlier = await _by_idempotency_key(session, owner, idempotency_key)
         if earlier is not None:

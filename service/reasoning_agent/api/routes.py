@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from reasoning_agent import llm, metrics, tasks
+from reasoning_agent import jobs, metrics, tasks
 from reasoning_agent.api.deps import (
     AgentDep,
     ApiKeyDep,
@@ -118,28 +118,15 @@ async def submit_task(
         return _replay(task, digest)
 
     started = time.monotonic()
-    provider = agent.provider.name
     try:
-        result = await agent.run(
-            body.prompt,
-            system=body.system,
-            model=model,
-            temperature=body.temperature,
-            max_tokens=body.max_tokens,
-        )
-    except llm.LLMError as exc:
-        error = for_llm_error(exc)
-        _observe_llm(request, provider, model, error.type, started)
-        await tasks.mark_failed(
+        outcome = await jobs.answer(
             session,
             task,
-            error_type=error.type,
-            message=str(exc),
-            attempts=exc.attempts,
-            latency_ms=_ms_since(started),
+            agent,
+            prompt=body.prompt,
+            system=body.system,
+            store_text=settings.store_prompts,
         )
-        metrics.TASKS.labels(TaskStatus.FAILED).inc()
-        raise error(str(exc), extra={"task_id": task.id}) from None
     except asyncio.CancelledError:
         await asyncio.shield(
             tasks.mark_failed(
@@ -152,28 +139,17 @@ async def submit_task(
             )
         )
         raise
-    _observe_llm(request, provider, model, "ok", started)
-    metrics.TOKENS.labels(caller.name, "input").inc(result.prompt_tokens or 0)
-    metrics.TOKENS.labels(caller.name, "output").inc(result.completion_tokens or 0)
-    await tasks.mark_completed(
-        session, task, result, latency_ms=_ms_since(started), store_text=settings.store_prompts
-    )
-    metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
+    request.state.llm_seconds = outcome.seconds  # for the middleware's overhead histogram
+    if outcome.result is None:
+        assert outcome.error is not None
+        error = for_llm_error(outcome.error)
+        raise error(str(outcome.error), extra={"task_id": task.id}) from None
     answer = TaskOut.of(task)
     if not settings.store_prompts:  # the caller still gets its text; the database never did
         answer = answer.model_copy(
-            update={"prompt": body.prompt, "system": body.system, "answer": result.answer}
+            update={"prompt": body.prompt, "system": body.system, "answer": outcome.result.answer}
         )
     return answer
-
-
-def _observe_llm(request: Request, provider: str, model: str, outcome: str, started: float) -> None:
-    """Count the call, and leave its duration for the middleware's overhead histogram."""
-    seconds = time.monotonic() - started
-    request.state.llm_seconds = seconds
-    label = metrics.model_label(model)
-    metrics.LLM_CALLS.labels(provider, label, outcome).inc()
-    metrics.LLM_SECONDS.labels(provider, label).observe(seconds)
 
 
 def _replay(task: Task, digest: str) -> TaskOut:
@@ -222,9 +198,8 @@ async def cancel_task(
             raise NotFound("no such task")
         raise Conflict(f"the task is {task.status}: only queued or running tasks can be cancelled")
     await runner.cancel(task_id)
-    task = await tasks.get_task(session, caller.name, task_id)
+    task = await tasks.get_task(session, caller.name, task_id)  # loaded fresh: cancelled
     assert task is not None
-    await session.refresh(task)
     return TaskOut.of(task)
 
 
