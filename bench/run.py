@@ -280,21 +280,25 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def thousand_at_once(contender: Contender, n: int = 1000) -> dict[str, float]:
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    headers = {"X-API-Key": contender.key} if contender.key else {}
-    async with httpx.AsyncClient(base_url=contender.base_url, limits=limits, timeout=120) as client:
-        started = time.monotonic()
-        responses = await asyncio.gather(
-            *(
-                client.post(contender.path, json={"prompt": f"q{i}"}, headers=headers)
-                for i in range(n)
-            ),
-            return_exceptions=True,
-        )
-        wall = time.monotonic() - started
-    errors = sum(1 for r in responses if isinstance(r, Exception) or r.status_code != 200)
-    return {"wall_s": wall, "errors": errors}
+def thousand_at_once(contender: Contender, tmp: Path, n: int = 1000) -> dict[str, float]:
+    """h2load opens `n` connections at once, each sends one POST; wall time until all are done."""
+    body = tmp / "body.json"
+    body.write_text(json.dumps({"prompt": "What is the capital of France?"}))
+    headers = ["-H", "Content-Type: application/json"]
+    if contender.key:
+        headers += ["-H", f"X-API-Key: {contender.key}"]
+    load = ["h2load", "--h1", "-n", str(n), "-c", str(n), "-t", "1", "-T", "120"]
+    out = subprocess.run(
+        [*load, "-d", str(body), *headers, contender.base_url + contender.path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    finished = re.search(r"finished in ([\d.]+)(ms|s)", out)
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    assert finished and codes, out
+    wall = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
+    return {"wall_s": wall, "errors": n - int(codes.group(1))}
 
 
 def seed_tasks(db_path: Path, total: int, mine: int) -> None:
@@ -363,37 +367,12 @@ def median_of(rounds: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--no-litellm", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="1 round of 5 s, small /query seed")
-    args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.seconds = 1, 5
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed: apt-get install wrk (make bench does it)")
-
-    tmp = Path(tempfile.mkdtemp(prefix="ra-bench-"))
-    running: list[subprocess.Popen[bytes]] = []
-    contenders: list[Contender] = []
-    results: dict = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "scenarios": {},
-    }
+def latency_and_throughput(tmp: Path, upstream: str, args: argparse.Namespace) -> dict:
+    """Scenarios 1 and 2: each contender with one worker, measured in turn, A B C A B C."""
+    contenders = [start_service(tmp, upstream, 1), start_passthrough(tmp, upstream, 1)]
     try:
-        upstream, up = start_upstream(tmp, delay_ms=0)
-        running.append(up)
-        contenders = [start_service(tmp, upstream, 1), start_passthrough(tmp, upstream, 1)]
         if not args.no_litellm and litellm_available():
             contenders.append(start_litellm(tmp, upstream, 1))
-
-        # (1) one connection: latency added over the upstream's own, (2) 16 connections: throughput
         base = [
             wrk(
                 f"{upstream}/v1/chat/completions",
@@ -407,53 +386,68 @@ def main() -> None:
         one: dict[str, list] = {c.name: [] for c in contenders}
         sixteen: dict[str, list] = {c.name: [] for c in contenders}
         for r in range(args.rounds):
-            for c in contenders:
-                url = c.base_url + c.path
-                one[c.name].append(
-                    wrk(url, connections=1, seconds=args.seconds, key=c.key, script=script_for(c))
-                )
-            for c in contenders:
-                url = c.base_url + c.path
-                sixteen[c.name].append(
-                    wrk(url, connections=16, seconds=args.seconds, key=c.key, script=script_for(c))
-                )
-            print(f"round {r + 1}/{args.rounds} done")
-        up_p50, up_p99 = median_of(base, "p50"), median_of(base, "p99")
-        results["scenarios"]["upstream_alone"] = {"p50_ms": up_p50, "p99_ms": up_p99}
+            for connections, runs in ((1, one), (16, sixteen)):
+                for c in contenders:
+                    runs[c.name].append(
+                        wrk(
+                            c.base_url + c.path,
+                            connections=connections,
+                            seconds=args.seconds,
+                            key=c.key,
+                            script=script_for(c),
+                        )
+                    )
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    finally:
         for c in contenders:
-            results["scenarios"].setdefault("added_latency_1_conn", {})[c.name] = {
+            c.stop()
+    up_p50, up_p99 = median_of(base, "p50"), median_of(base, "p99")
+    return {
+        "upstream_alone": {"p50_ms": up_p50, "p99_ms": up_p99},
+        "added_latency_1_conn": {
+            c.name: {
                 "p50_ms": median_of(one[c.name], "p50") - up_p50,
                 "p99_ms": median_of(one[c.name], "p99") - up_p99,
             }
-            results["scenarios"].setdefault("throughput_16_conn", {})[c.name] = {
+            for c in contenders
+        },
+        "throughput_16_conn": {
+            c.name: {
                 "rps_per_worker": median_of(sixteen[c.name], "rps"),
                 "errors": sum(r["errors"] for r in sixteen[c.name]),
             }
-        for c in contenders:
-            c.stop()
-        contenders = []
+            for c in contenders
+        },
+    }
 
-        # (3) 1000 concurrent requests on a 1 s upstream, 2 workers
-        slow, slow_process = start_upstream(tmp, delay_ms=1000)
-        running.append(slow_process)
+
+def thousand_concurrent(tmp: Path) -> dict:
+    """Scenario 3: 1000 requests at once against a 1 s upstream, two workers per contender."""
+    slow, slow_process = start_upstream(tmp, delay_ms=1000)
+    rows = {}
+    try:
         for starter in (start_service, start_passthrough):
             contender = starter(tmp, slow, 2)
-            contenders.append(contender)
-            outcome = asyncio.run(thousand_at_once(contender))
-            outcome["peak_rss_mb_per_worker"] = max(
-                peak_rss_mb(p) for p in worker_pids(contender.process)
-            )
-            results["scenarios"].setdefault("thousand_concurrent_1s_upstream", {})[
-                contender.name
-            ] = outcome
-            contender.stop()
-            contenders.remove(contender)
+            try:
+                row = thousand_at_once(contender, tmp)
+                row["peak_rss_mb_per_worker"] = max(
+                    peak_rss_mb(p) for p in worker_pids(contender.process)
+                )
+            finally:
+                contender.stop()
+            rows[contender.name] = row
+    finally:
+        os.killpg(slow_process.pid, signal.SIGTERM)
+        slow_process.wait(timeout=30)
+    return rows
 
-        # (4) GET /query with 1,000,000 tasks stored, 100,000 of them the caller's
-        total, mine = (100_000, 10_000) if args.quick else (1_000_000, 100_000)
-        service = start_service(tmp, upstream, 1)
-        contenders.append(service)
-        db_file = next(tmp.glob("service-*.db"))
+
+def query_latency(tmp: Path, upstream: str, args: argparse.Namespace) -> dict:
+    """Scenario 4: GET /query with 1,000,000 tasks stored, 100,000 of them the caller's."""
+    total, mine = (100_000, 10_000) if args.quick else (1_000_000, 100_000)
+    service = start_service(tmp, upstream, 1)
+    try:
+        db_file = next(tmp.glob(f"service-{service.base_url.rsplit(':', 1)[1]}.db"))
         started = time.monotonic()
         seed_tasks(db_file, total, mine)
         seeded_s = time.monotonic() - started
@@ -464,78 +458,141 @@ def main() -> None:
             key=ALICE,
             script="get.lua",
         )
-        results["scenarios"]["query_latency"] = {
-            "rows": total,
-            "caller_rows": mine,
-            "seed_s": seeded_s,
-            "p50_ms": query["p50"],
-            "p99_ms": query["p99"],
-        }
-
-        # (5) the rate-limit decision alone
-        results["scenarios"]["rate_limit_decision"] = asyncio.run(limiter_decisions())
     finally:
-        for c in contenders:
-            c.stop()
-        for process in running:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
+        service.stop()
+    return {
+        "rows": total,
+        "caller_rows": mine,
+        "seed_s": seeded_s,
+        "p50_ms": query["p50"],
+        "p99_ms": query["p99"],
+    }
+
+
+SCENARIOS = ("latency", "thousand", "query", "limit")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 round of 5 s, small /query seed")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help="comma-separated: latency (1 and 2), thousand (3), query (4), limit (5)",
+    )
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SCENARIOS):
+        parser.error(f"--only takes {', '.join(SCENARIOS)}")
+    if args.quick:
+        args.rounds, args.seconds = 1, 5
+    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed: apt-get install {package} (make bench does it)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="ra-bench-"))
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "scenarios": {},
+    }
+    scenarios = results["scenarios"]
+    upstream, up = start_upstream(tmp, delay_ms=0)
+    try:
+        if "latency" in only:
+            scenarios.update(latency_and_throughput(tmp, upstream, args))
+        if "thousand" in only:
+            scenarios["thousand_concurrent_1s_upstream"] = thousand_concurrent(tmp)
+        if "query" in only:
+            scenarios["query_latency"] = query_latency(tmp, upstream, args)
+        if "limit" in only:
+            scenarios["rate_limit_decision"] = asyncio.run(limiter_decisions())
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        up.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "latest.json" if only == set(SCENARIOS) else "partial.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def table(results: dict) -> str:
-    """The results as one Markdown table, with ratios to the pass-through and to LiteLLM."""
+    """The results as Markdown, with ratios to the pass-through and to LiteLLM."""
     s = results["scenarios"]
-    added, rps = s["added_latency_1_conn"], s["throughput_16_conn"]
-    names = list(added)
+    lines: list[str] = []
+    if "added_latency_1_conn" in s:
+        lines += latency_table(s["added_latency_1_conn"], s["throughput_16_conn"])
+    if "thousand_concurrent_1s_upstream" in s:
+        lines += [
+            "",
+            "| 1000 concurrent, 1 s upstream, 2 workers | wall (s) | errors | "
+            "peak RSS per worker (MB) |",
+            "|---|---|---|---|",
+        ]
+        for name, row in s["thousand_concurrent_1s_upstream"].items():
+            lines.append(
+                f"| {name} | {row['wall_s']:.2f} | {row['errors']:.0f} | "
+                f"{row['peak_rss_mb_per_worker']:.0f} |"
+            )
+    if "query_latency" in s:
+        q = s["query_latency"]
+        lines += [
+            "",
+            f"GET /query with {q['rows']:,} rows ({q['caller_rows']:,} the caller's): "
+            f"p50 {q['p50_ms']:.2f} ms, p99 {q['p99_ms']:.2f} ms",
+        ]
+    if "rate_limit_decision" in s:
+        rl = s["rate_limit_decision"]
+        lines.append(
+            f"rate-limit decision against the local Redis: "
+            f"p50 {rl['p50']:.3f} ms, p99 {rl['p99']:.3f} ms"
+        )
+    m = results["machine"]
+    lines.append(
+        f"machine: {m['cpus']} x {m.get('cpu', '?')}, {m['platform']}, Python {m['python']}"
+    )
+    return "\n".join(lines)
 
-    def per_worker(name: str) -> float | None:
-        return rps.get(name, {}).get("rps_per_worker")
 
-    def ratio(value: float, base: float | None) -> str:
-        return f"{value / base:.2f}x" if base else "-"
+def latency_table(added: dict, rps: dict) -> list[str]:
+    def ratio(name: str, base: str, pick: str) -> str:
+        if base not in added or name == base:
+            return "-"
+        value = {"p50": added, "p99": added, "rps": rps}[pick]
+        field = {"p50": "p50_ms", "p99": "p99_ms", "rps": "rps_per_worker"}[pick]
+        return f"{value[name][field] / value[base][field]:.2f}x"
 
     lines = [
         "| contender | added p50 (ms) | added p99 (ms) | req/s per worker (16 conn) | "
-        "vs pass-through (p50 / req/s) | vs LiteLLM (p50 / req/s) |",
+        "vs pass-through (p50 / p99 / req/s) | vs LiteLLM (p50 / p99 / req/s) |",
         "|---|---|---|---|---|---|",
     ]
-    for name in names:
-        p50, p99, throughput = (
-            added[name]["p50_ms"],
-            added[name]["p99_ms"],
-            rps[name]["rps_per_worker"],
-        )
-        floor, lite = added.get("pass-through"), added.get("LiteLLM")
+    for name in added:
+        ratios = [
+            " / ".join(ratio(name, base, pick) for pick in ("p50", "p99", "rps"))
+            for base in ("pass-through", "LiteLLM")
+        ]
         lines.append(
-            f"| {name} | {p50:.2f} | {p99:.2f} | {throughput:.0f} | "
-            f"{ratio(p50, floor and floor['p50_ms'])} / {ratio(throughput, per_worker('pass-through'))} | "
-            f"{ratio(p50, lite and lite['p50_ms'])} / {ratio(throughput, per_worker('LiteLLM'))} |"
+            f"| {name} | {added[name]['p50_ms']:.2f} | {added[name]['p99_ms']:.2f} | "
+            f"{rps[name]['rps_per_worker']:.0f} | {ratios[0]} | {ratios[1]} |"
         )
-    thousand = s["thousand_concurrent_1s_upstream"]
-    lines += [
-        "",
-        "| 1000 concurrent, 1 s upstream, 2 workers | wall (s) | errors | peak RSS per worker (MB) |",
-        "|---|---|---|---|",
-    ]
-    for name, row in thousand.items():
-        lines.append(
-            f"| {name} | {row['wall_s']:.2f} | {row['errors']:.0f} | {row['peak_rss_mb_per_worker']:.0f} |"
-        )
-    q, rl = s["query_latency"], s["rate_limit_decision"]
-    lines += [
-        "",
-        f"GET /query with {q['rows']:,} rows ({q['caller_rows']:,} the caller's): "
-        f"p50 {q['p50_ms']:.2f} ms, p99 {q['p99_ms']:.2f} ms",
-        f"rate-limit decision against the local Redis: p50 {rl['p50']:.3f} ms, p99 {rl['p99']:.3f} ms",
-        f"machine: {results['machine']}",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -52,15 +52,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = db.create_engine(settings.database_url.get_secret_value())
-        telemetry.instrument_engine(engine)
+        database = db.Database(settings.database_url.get_secret_value())
+        telemetry.instrument_engines(database.engines)
         limiter = RateLimiter(
             redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
             on_store_error=settings.rate_limit_on_store_error,
             local_share=settings.workers,
         )
         provider = load_provider(settings)
-        sessions = db.session_factory(engine)
         agent = ReasoningAgent(provider, timeout_s=settings.llm_timeout_s)
         runner: jobs.Runner
         if settings.uses_arq and settings.redis_url is not None:
@@ -68,18 +67,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             local = jobs.InProcessRunner(
                 functools.partial(
-                    jobs.execute, sessions=sessions, agent=agent, store_text=settings.store_prompts
+                    jobs.execute,
+                    database=database,
+                    agent=agent,
+                    store_text=settings.store_prompts,
                 ),
                 concurrency=settings.worker_concurrency,
             )
-            resumed = await local.resume(sessions)
+            resumed = await local.resume(database.sessions)
             if resumed:
                 log.info("resumed background tasks", extra={"tasks": resumed})
             runner = local
         app.state.services = Services(
             settings=settings,
-            engine=engine,
-            sessions=sessions,
+            database=database,
             limiter=limiter,
             agent=agent,
             runner=runner,
@@ -95,14 +96,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
         )
         sweeping = asyncio.create_task(
-            jobs.sweep_forever(sessions, deadline_s=settings.llm_timeout_s, arq=settings.uses_arq)
+            jobs.sweep_forever(
+                database.sessions, deadline_s=settings.llm_timeout_s, arq=settings.uses_arq
+            )
         )
         purging = None
         if settings.retention_days is not None:
             purging = asyncio.create_task(
                 retention.run_forever(
-                    engine,
-                    app.state.services.sessions,
+                    database.engine,
+                    database.sessions,
                     days=settings.retention_days,
                     interval_s=settings.retention_interval_s,
                 )
@@ -116,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runner.aclose()
             await provider.aclose()
             await limiter.aclose()
-            await engine.dispose()
+            await database.aclose()
             telemetry.shutdown_tracing()
 
     app = FastAPI(

@@ -123,15 +123,15 @@ def _recover(settings: Settings) -> None:
     from reasoning_agent import db, jobs, tasks
 
     async def run() -> int:
-        engine = db.create_engine(settings.database_url.get_secret_value())
+        database = db.Database(settings.database_url.get_secret_value())
         try:
-            async with db.session_factory(engine)() as session:
+            async with database.sessions() as session:
                 # Older than the deadline: no live process of any replica can still answer them.
                 return await tasks.fail_interrupted(
                     session, **jobs.horizons(settings.llm_timeout_s, arq=settings.uses_arq)
                 )
         finally:
-            await engine.dispose()
+            await database.aclose()
 
     try:
         failed = asyncio.run(run())

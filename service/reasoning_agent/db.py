@@ -1,13 +1,18 @@
-"""The async engine for SQLite or PostgreSQL, and the migrations that shape it."""
+"""The database (SQLite or PostgreSQL): its engine, sessions, fast writes, and migrations."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import URL, event, make_url, text
+from sqlalchemy import URL, Engine, Executable, event, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -15,7 +20,15 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["async_url", "create_engine", "display_url", "migrate", "ping", "session_factory"]
+__all__ = [
+    "Database",
+    "async_url",
+    "create_engine",
+    "display_url",
+    "migrate",
+    "ping",
+    "session_factory",
+]
 
 _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -48,15 +61,15 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     if target.database and target.database != ":memory:":
         Path(target.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(target, connect_args={"timeout": 30}, **options)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        for pragma in _SQLITE_PRAGMAS:
-            cursor.execute(pragma)
-        cursor.close()
-
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    for pragma in _SQLITE_PRAGMAS:
+        cursor.execute(pragma)
+    cursor.close()
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -67,6 +80,55 @@ async def ping(engine: AsyncEngine) -> None:
     """Raise unless the database answers a trivial query."""
     async with engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
+
+
+class Database:
+    """The engine and its sessions for everything, plus `write()` for the short write
+    transactions every task makes, taken the cheapest way the database allows."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url)
+        self.sessions = session_factory(self.engine)
+        self._sqlite: Engine | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        if self.engine.dialect.name == "sqlite":
+            # aiosqlite hands every DBAPI call to its thread and back; one dedicated thread
+            # with the stdlib driver takes a whole transaction per hand-off (~2 ms less CPU a task).
+            self._sqlite = sqlalchemy.create_engine(
+                self.engine.url.set(drivername="sqlite+pysqlite"),
+                connect_args={"timeout": 30, "check_same_thread": False},
+            )
+            event.listen(self._sqlite, "connect", _sqlite_pragmas)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every sync engine underneath, for instrumentation."""
+        return [self.engine.sync_engine, *([self._sqlite] if self._sqlite else [])]
+
+    async def write(self, statement: Executable, params: dict[str, Any]) -> int:
+        """Run one statement in its own transaction and commit; the number of rows it matched."""
+        if self._sqlite is None:
+            async with self.engine.begin() as connection:
+                result = await connection.execute(statement, params)
+            return int(result.rowcount)
+        # The copied context carries the caller's trace into the thread.
+        call = functools.partial(
+            contextvars.copy_context().run, self._write_sqlite, statement, params
+        )
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+    def _write_sqlite(self, statement: Executable, params: dict[str, Any]) -> int:
+        assert self._sqlite is not None
+        with self._sqlite.begin() as connection:
+            return int(connection.execute(statement, params).rowcount)
+
+    async def aclose(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self._sqlite is not None:
+            self._sqlite.dispose()
+        await self.engine.dispose()
 
 
 def migrate(url: str, revision: str = "head") -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from reasoning_agent import llm, metrics, tasks
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.config import Settings
+from reasoning_agent.db import Database
 from reasoning_agent.errors import for_llm_error
 from reasoning_agent.models import Task, TaskStatus
 
@@ -58,7 +59,7 @@ class Outcome:
 
 
 async def answer(
-    session: AsyncSession,
+    database: Database,
     task: Task,
     agent: ReasoningAgent,
     *,
@@ -86,7 +87,7 @@ async def answer(
         metrics.LLM_CALLS.labels(provider, model, error_type).inc()
         metrics.LLM_SECONDS.labels(provider, model).observe(seconds)
         failed = await tasks.mark_failed(
-            session,
+            database,
             task,
             error_type=error_type,
             message=str(exc),
@@ -103,7 +104,7 @@ async def answer(
     metrics.TOKENS.labels(task.owner, "input").inc(result.prompt_tokens or 0)
     metrics.TOKENS.labels(task.owner, "output").inc(result.completion_tokens or 0)
     done = await tasks.mark_completed(
-        session,
+        database,
         task,
         result,
         latency_ms=round(seconds * 1000, 2),
@@ -118,26 +119,26 @@ async def answer(
 async def execute(
     task_id: str,
     *,
-    sessions: async_sessionmaker[AsyncSession],
+    database: Database,
     agent: ReasoningAgent,
     store_text: bool,
     statuses: tuple[str, ...] = (TaskStatus.QUEUED,),
 ) -> None:
     """Claim one task and answer it; a task cancelled meanwhile keeps its `cancelled`."""
-    async with sessions() as session:
+    async with database.sessions() as session:
         task = await tasks.claim(session, task_id, statuses=statuses)
-        if task is None:
-            return  # cancelled, finished, or another process has it
-        assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
-        await answer(
-            session,
-            task,
-            agent,
-            prompt=task.prompt,
-            system=task.system,
-            store_text=store_text,
-            expect=TaskStatus.RUNNING,
-        )
+    if task is None:
+        return  # cancelled, finished, or another process has it
+    assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
+    await answer(
+        database,
+        task,
+        agent,
+        prompt=task.prompt,
+        system=task.system,
+        store_text=store_text,
+        expect=TaskStatus.RUNNING,
+    )
 
 
 class InProcessRunner:
@@ -245,18 +246,15 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     from arq import cron, func
     from arq.connections import RedisSettings
 
-    from reasoning_agent import db
     from reasoning_agent.llm import load_provider
 
     assert settings.redis_url is not None
     deadline = settings.llm_timeout_s
 
     async def startup(ctx: dict[str, Any]) -> None:
-        engine = db.create_engine(settings.database_url.get_secret_value())
         provider = load_provider(settings)
         ctx.update(
-            engine=engine,
-            sessions=db.session_factory(engine),
+            database=Database(settings.database_url.get_secret_value()),
             provider=provider,
             agent=ReasoningAgent(provider, timeout_s=deadline),
         )
@@ -264,13 +262,13 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["provider"].aclose()
-        await ctx["engine"].dispose()
+        await ctx["database"].aclose()
 
     async def run_task(ctx: dict[str, Any], task_id: str) -> None:
         # `running` too: arq runs a job again only after the worker that had it is gone.
         await execute(
             task_id,
-            sessions=ctx["sessions"],
+            database=ctx["database"],
             agent=ctx["agent"],
             store_text=settings.store_prompts,
             statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING),
@@ -278,7 +276,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
     async def sweep(ctx: dict[str, Any]) -> None:
         """Fail what outlived every retry: nothing stays `running` forever."""
-        async with ctx["sessions"]() as session:
+        async with ctx["database"].sessions() as session:
             failed = await tasks.fail_interrupted(session, **horizons(deadline, arq=True))
         if failed:
             log.warning("marked interrupted tasks as failed", extra={"failed": failed})

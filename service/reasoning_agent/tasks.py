@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import Table, Update, and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
+from reasoning_agent.db import Database
 from reasoning_agent.llm import LLMResult
 from reasoning_agent.models import Task, TaskStatus
 from reasoning_agent.schemas import TaskIn
@@ -58,7 +60,7 @@ def request_hash(body: TaskIn, model: str) -> str:
 
 
 async def create_pending(
-    session: AsyncSession,
+    database: Database,
     *,
     owner: str,
     body: TaskIn,
@@ -72,43 +74,44 @@ async def create_pending(
     """Store the task (`pending`, or `queued` for the background) and commit before the LLM is
     called; with a known Idempotency-Key, return the earlier task instead."""
     if idempotency_key is not None:
-        earlier = await _by_idempotency_key(session, owner, idempotency_key)
+        async with database.sessions() as session:
+            earlier = await _by_idempotency_key(session, owner, idempotency_key)
         if earlier is not None:
             return earlier, False
-    task = Task(
-        id=uuid.uuid4().hex,
-        owner=owner,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        status=status,
-        prompt=body.prompt if store_text else None,
-        system=body.system if store_text else None,
-        prompt_chars=len(body.prompt),
-        prompt_sha256=_sha256(body.prompt),
-        model=model,
-        temperature=body.temperature,
-        max_tokens=body.max_tokens,
-        metadata_=dict(body.metadata),
-        attempts=0,
-        trace_id=trace_id,
-        created_at=datetime.now(UTC),
-    )
-    session.add(task)
+    values: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "owner": owner,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest,
+        "status": status,
+        "prompt": body.prompt if store_text else None,
+        "system": body.system if store_text else None,
+        "prompt_chars": len(body.prompt),
+        "prompt_sha256": _sha256(body.prompt),
+        "model": model,
+        "temperature": body.temperature,
+        "max_tokens": body.max_tokens,
+        "metadata": dict(body.metadata),
+        "attempts": 0,
+        "trace_id": trace_id,
+        "created_at": datetime.now(UTC),
+    }
     try:
-        await session.commit()
+        await database.write(_INSERT, values)
     except IntegrityError:
-        await session.rollback()
         if idempotency_key is None:
             raise
-        earlier = await _by_idempotency_key(session, owner, idempotency_key)
+        async with database.sessions() as session:
+            earlier = await _by_idempotency_key(session, owner, idempotency_key)
         if earlier is None:
             raise
         return earlier, False
-    return task, True
+    values["metadata_"] = values.pop("metadata")
+    return Task(**values), True
 
 
 async def mark_completed(
-    session: AsyncSession,
+    database: Database,
     task: Task,
     result: LLMResult,
     *,
@@ -129,11 +132,11 @@ async def mark_completed(
         "latency_ms": latency_ms,
         "completed_at": datetime.now(UTC),
     }
-    return await _finish(session, task, values, expect)
+    return await _finish(database, task, values, expect)
 
 
 async def mark_failed(
-    session: AsyncSession,
+    database: Database,
     task: Task,
     *,
     error_type: str,
@@ -151,17 +154,29 @@ async def mark_failed(
         "latency_ms": latency_ms,
         "completed_at": datetime.now(UTC),
     }
-    return await _finish(session, task, values, expect)
+    return await _finish(database, task, values, expect)
+
+
+# Built once: making a statement costs more than running it (both on the path of every task).
+_TASKS = cast(Table, Task.__table__)
+_INSERT = insert(_TASKS)
+
+
+@functools.cache
+def _update(columns: tuple[str, ...], *, conditional: bool) -> Update:
+    stmt = update(_TASKS).where(_TASKS.c.id == bindparam("task_id"))
+    if conditional:  # a cancellation in between wins
+        stmt = stmt.where(_TASKS.c.status == bindparam("expect"))
+    return stmt.values({name: bindparam(name) for name in columns})
 
 
 async def _finish(
-    session: AsyncSession, task: Task, values: dict[str, Any], expect: str | None
+    database: Database, task: Task, values: dict[str, Any], expect: str | None
 ) -> bool:
-    stmt = update(Task).where(Task.id == task.id)
-    if expect is not None:  # a cancellation in between wins
-        stmt = stmt.where(Task.status == expect)
-    changed = (await session.execute(stmt.values(**values))).rowcount  # type: ignore[attr-defined]
-    await session.commit()
+    params = {**values, "task_id": task.id}
+    if expect is not None:
+        params["expect"] = expect
+    changed = await database.write(_update(tuple(values), conditional=expect is not None), params)
     if changed:
         for name, value in values.items():
             set_committed_value(task, name, value)

@@ -20,13 +20,13 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy import Engine
 
 __all__ = [
     "capture_content",
     "current_trace_id",
     "inject_headers",
-    "instrument_engine",
+    "instrument_engines",
     "setup_tracing",
     "span",
     "tracer",
@@ -111,7 +111,7 @@ def _drop_query(current: Span, scope: dict[str, Any]) -> None:
             current.set_attribute(key, value.split("?", 1)[0])
 
 
-def instrument_engine(engine: AsyncEngine) -> None:
+def instrument_engines(engines: list[Engine]) -> None:
     """One span per SQL statement, when tracing is on."""
     if _provider is None:
         return
@@ -119,7 +119,7 @@ def instrument_engine(engine: AsyncEngine) -> None:
 
     # The instrumentation declares sqlalchemy < 2.1 but works on 2.1's unchanged event API.
     SQLAlchemyInstrumentor().instrument(
-        engine=engine.sync_engine, tracer_provider=_provider, skip_dep_check=True
+        engines=engines, tracer_provider=_provider, skip_dep_check=True
     )
 
 

@@ -9,11 +9,12 @@ from typing import Annotated
 from fastapi import Depends, Request, Response, Security
 from fastapi.security import APIKeyHeader
 from limits import RateLimitItem
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from reasoning_agent import metrics
 from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.config import Settings
+from reasoning_agent.db import Database
 from reasoning_agent.errors import RateLimited, ServiceUnavailable, Unauthorized
 from reasoning_agent.jobs import Runner
 from reasoning_agent.keys import ApiKey
@@ -23,6 +24,7 @@ from reasoning_agent.telemetry import span
 __all__ = [
     "AgentDep",
     "ApiKeyDep",
+    "DatabaseDep",
     "QueryLimitDep",
     "RunnerDep",
     "Services",
@@ -38,8 +40,7 @@ class Services:
     """What the lifespan builds once per process and every request shares."""
 
     settings: Settings
-    engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    database: Database
     limiter: RateLimiter
     agent: ReasoningAgent
     runner: Runner
@@ -65,8 +66,12 @@ async def _runner(services: ServicesDep) -> Runner:
     return services.runner
 
 
+async def _database(services: ServicesDep) -> Database:
+    return services.database
+
+
 async def _session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
-    async with services.sessions() as session:
+    async with services.database.sessions() as session:
         yield session
 
 
@@ -85,6 +90,7 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 AgentDep = Annotated[ReasoningAgent, Depends(_agent)]
 RunnerDep = Annotated[Runner, Depends(_runner)]
 SessionDep = Annotated[AsyncSession, Depends(_session)]
+DatabaseDep = Annotated[Database, Depends(_database)]
 ApiKeyDep = Annotated[ApiKey, Depends(_caller)]
 
 

@@ -14,6 +14,7 @@ from reasoning_agent import jobs, metrics, tasks
 from reasoning_agent.api.deps import (
     AgentDep,
     ApiKeyDep,
+    DatabaseDep,
     QueryLimitDep,
     RunnerDep,
     ServicesDep,
@@ -64,7 +65,7 @@ async def submit_task(
     settings: SettingsDep,
     agent: AgentDep,
     runner: RunnerDep,
-    session: SessionDep,
+    database: DatabaseDep,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskOut | JSONResponse:
     if len(body.prompt) > settings.max_prompt_chars:
@@ -83,7 +84,7 @@ async def submit_task(
     model = body.model or agent.default_model
     digest = tasks.request_hash(body, model)
     task, created = await tasks.create_pending(
-        session,
+        database,
         owner=caller.name,
         body=body,
         model=model,
@@ -99,7 +100,7 @@ async def submit_task(
                 await runner.submit(task.id)
             except Exception as exc:
                 await tasks.mark_failed(
-                    session,
+                    database,
                     task,
                     error_type="unavailable",
                     message="the task queue is unavailable",
@@ -120,7 +121,7 @@ async def submit_task(
     started = time.monotonic()
     try:
         outcome = await jobs.answer(
-            session,
+            database,
             task,
             agent,
             prompt=body.prompt,
@@ -130,7 +131,7 @@ async def submit_task(
     except asyncio.CancelledError:
         await asyncio.shield(
             tasks.mark_failed(
-                session,
+                database,
                 task,
                 error_type="interrupted",
                 message="the request was cancelled before the answer came",
@@ -251,7 +252,7 @@ async def healthz(_: ApiKeyDep, services: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         async with asyncio.timeout(2):
-            await ping(services.engine)
+            await ping(services.database.engine)
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"fail: {exc.__class__.__name__}"
@@ -281,7 +282,7 @@ async def livez() -> dict[str, str]:
 async def readyz(services: ServicesDep) -> JSONResponse:
     try:
         async with asyncio.timeout(2):
-            await ping(services.engine)
+            await ping(services.database.engine)
     except Exception:
         return JSONResponse({"status": "fail"}, status_code=503)
     return JSONResponse({"status": "ok"})
