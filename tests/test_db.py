@@ -1,0 +1,80 @@
+"""SQLite writes on the event loop: they never wait there for a lock, and the WAL stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from reasoning_agent import db, tasks
+from reasoning_agent.schemas import TaskIn
+from tests.support import TEST_DATABASE
+
+pytestmark = pytest.mark.skipif(
+    TEST_DATABASE != "sqlite", reason="SQLite's write path; the SQLite pass runs it"
+)
+
+
+async def _store(database: db.Database, prompt: str) -> str:
+    task, created = await tasks.create_pending(
+        database,
+        owner="alice",
+        body=TaskIn(prompt=prompt),
+        model="m",
+        digest="d",
+        idempotency_key=None,
+    )
+    assert created
+    return task.id
+
+
+def test_a_write_behind_another_writer_waits_in_a_thread_while_the_loop_runs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tasks.db"
+    db.migrate(f"sqlite:///{path}")
+    blocker = sqlite3.connect(path, isolation_level=None)
+
+    async def run() -> tuple[float, bool, str]:
+        database = db.Database(f"sqlite:///{path}")
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            write = asyncio.create_task(_store(database, "behind a lock"))
+            started = time.monotonic()
+            for _ in range(20):
+                await asyncio.sleep(0.01)  # the loop keeps turning while the write waits
+            ticking = time.monotonic() - started
+            waiting = not write.done()
+            blocker.execute("COMMIT")
+            return ticking, waiting, await asyncio.wait_for(write, 10)
+        finally:
+            await database.aclose()
+
+    ticking, waiting, task_id = asyncio.run(run())
+    assert waiting
+    assert ticking < 1.0
+    assert blocker.execute("SELECT prompt FROM tasks WHERE id = ?", (task_id,)).fetchall() == [
+        ("behind a lock",)
+    ]
+
+
+def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    db.migrate(f"sqlite:///{path}")
+
+    async def run() -> int:
+        database = db.Database(f"sqlite:///{path}")
+        try:
+            for i in range(2000):  # ~5 pages each: 40 MB of WAL if nothing checkpointed
+                await _store(database, f"prompt {i}")
+            return Path(f"{path}-wal").stat().st_size
+        finally:
+            await database.aclose()
+
+    wal_bytes = asyncio.run(run())
+    assert wal_bytes < 8 * 2**20
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT count(*) FROM tasks").fetchall() == [(2000,)]
