@@ -119,3 +119,17 @@ def test_migrate_wait_retries_then_fails_visibly() -> None:
         "reasoning-agent: configuration error: DATABASE_URL: cannot migrate "
     )
     assert "pw-42" not in result.stderr
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helm and compose files often render a variable empty rather than leave it out."""
+    from reasoning_agent.config import load_settings
+
+    for name in ("REDIS_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "METRICS_PORT", "LOG_LEVEL"):
+        monkeypatch.setenv(name, "")
+    settings = load_settings()
+    assert settings.redis_url is None
+    assert settings.openai_api_key is None
+    assert settings.openai_base_url is None
+    assert settings.metrics_port is None
+    assert settings.log_level == "INFO"

@@ -20,7 +20,9 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     """The service's environment, validated at start so a typo fails loudly."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
