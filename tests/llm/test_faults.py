@@ -28,6 +28,7 @@ def service(
         yield service
 
 
+_MALFORMED = "upstream sent a response that is not valid JSON"
 COMPLETION = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
 
 FAULTS = [
@@ -52,7 +53,7 @@ FAULTS = [
         "malformed JSON",
         [Step(raw=b'{"choices": [')],
         502,
-        "upstream sent a response that is not valid JSON",
+        _MALFORMED,
         1,
     ),
     (
@@ -84,6 +85,17 @@ FAULTS = [
         "upstream returned no answer",
         1,
     ),
+    *(
+        (name, [Step(raw=raw)], 502, "upstream returned no answer", 1)
+        for name, raw in [
+            ("a JSON list", b"[]"),
+            ("a JSON string", b'"Paris"'),
+            ("choices not a list", b'{"choices": {"0": {}}}'),
+            ("message not an object", b'{"choices": [{"message": "Paris"}]}'),
+            ("content a number", b'{"choices": [{"message": {"content": 42}}]}'),
+        ]
+    ),
+    ("not UTF-8", [Step(raw=b'{"choices": "\xff\xfe"}')], 502, _MALFORMED, 1),
 ]
 
 
@@ -108,3 +120,24 @@ def test_an_upstream_fault_fails_the_task_clearly(
         after = client.post("/task", json={"prompt": "and the next one works"})
         assert after.status_code == 200 and after.json()["status"] == "completed"
     assert "Traceback" not in service.logs()
+
+
+def test_odd_usage_fields_do_not_spoil_a_good_answer(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(
+        Step(
+            raw=json.dumps(
+                {
+                    "choices": [{"message": {"content": "Paris"}}],
+                    "usage": {"prompt_tokens": "12", "completion_tokens": -1},
+                    "model": None,
+                }
+            ).encode()
+        )
+    )
+    with service.client() as client:
+        task = client.post("/task", json={"prompt": "odd usage"}).json()
+    assert task["answer"] == "Paris"
+    assert task["usage"] is None  # neither count was a count
+    assert task["model"]  # the model asked for, as the upstream named none
