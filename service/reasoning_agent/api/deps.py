@@ -22,15 +22,12 @@ from reasoning_agent.ratelimit import Decision, RateLimiter, StoreUnavailable
 from reasoning_agent.telemetry import span
 
 __all__ = [
-    "AgentDep",
     "ApiKeyDep",
-    "DatabaseDep",
     "QueryLimitDep",
     "RunnerDep",
     "Services",
     "ServicesDep",
     "SessionDep",
-    "SettingsDep",
     "TaskLimitDep",
 ]
 
@@ -54,20 +51,8 @@ async def _services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(_services)]
 
 
-async def _settings(services: ServicesDep) -> Settings:
-    return services.settings
-
-
-async def _agent(services: ServicesDep) -> ReasoningAgent:
-    return services.agent
-
-
 async def _runner(services: ServicesDep) -> Runner:
     return services.runner
-
-
-async def _database(services: ServicesDep) -> Database:
-    return services.database
 
 
 async def _session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
@@ -86,11 +71,9 @@ async def _caller(request: Request, _: Annotated[str | None, Security(_api_key_h
     return caller
 
 
-SettingsDep = Annotated[Settings, Depends(_settings)]
-AgentDep = Annotated[ReasoningAgent, Depends(_agent)]
 RunnerDep = Annotated[Runner, Depends(_runner)]
 SessionDep = Annotated[AsyncSession, Depends(_session)]
-DatabaseDep = Annotated[Database, Depends(_database)]
+
 ApiKeyDep = Annotated[ApiKey, Depends(_caller)]
 
 
