@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import URL, Engine, Executable, event, make_url, text
+from sqlalchemy import URL, Connection, Engine, Executable, event, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -137,6 +137,7 @@ class _SQLiteWrites:
         self._waiting = sqlalchemy.create_engine(url, connect_args={**args, "timeout": 30})
         event.listen(self._waiting, "connect", _sqlite_pragmas)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._connection: Connection | None = None  # the loop's, kept open: no pool round trip
         self._writes = 0
 
     @property
@@ -146,24 +147,31 @@ class _SQLiteWrites:
     async def write(self, statement: Executable, params: dict[str, Any]) -> int:
         self._writes += 1
         if self._writes % self.CHECKPOINT_EVERY:
+            if self._connection is None:
+                self._connection = self._inline.connect()
             try:
-                return self._run(self._inline, statement, params)
+                changed = self._connection.execute(statement, params).rowcount
+                self._connection.commit()
+                return int(changed)
             except OperationalError as exc:
+                self._connection.rollback()
                 if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                     raise
+            except BaseException:
+                self._connection.rollback()
+                raise
         # The copied context carries the caller's trace into the thread.
-        call = functools.partial(
-            contextvars.copy_context().run, self._run, self._waiting, statement, params
-        )
+        call = functools.partial(contextvars.copy_context().run, self._wait, statement, params)
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
-    @staticmethod
-    def _run(engine: Engine, statement: Executable, params: dict[str, Any]) -> int:
-        with engine.begin() as connection:
+    def _wait(self, statement: Executable, params: dict[str, Any]) -> int:
+        with self._waiting.begin() as connection:
             return int(connection.execute(statement, params).rowcount)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self._connection is not None:
+            self._connection.close()
         self._inline.dispose()
         self._waiting.dispose()
 
