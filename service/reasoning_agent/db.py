@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Database",
@@ -118,15 +121,17 @@ class _SQLiteWrites:
     """Short write transactions on SQLite without aiosqlite's two thread hand-offs per DBAPI
     call (they cost more CPU than the SQL itself).
 
-    A write is tried right here on the event loop with busy_timeout=0: it takes the write
-    lock at once and commits in tens of microseconds (WAL with synchronous=NORMAL does not
-    fsync), or it fails with SQLITE_BUSY having changed nothing and then waits for the lock
-    in a dedicated thread. Checkpoints fsync, so the loop's connection never runs them; every
-    CHECKPOINT_EVERY-th write goes through the thread, whose connection checkpoints once the
-    WAL has grown past SQLite's default of 1000 pages.
+    A write runs right here on the event loop with busy_timeout=0: it takes the write lock at
+    once and commits in tens of microseconds (WAL with synchronous=NORMAL does not fsync), or
+    it fails with SQLITE_BUSY having changed nothing. Then, as SQLite's own busy handler would,
+    it sleeps and tries again, but asleep in asyncio rather than blocking the loop; a lock held
+    past the last pause (another process in a long transaction) is waited for in a dedicated
+    thread. Checkpoints fsync, so the loop's connection never runs them: every
+    CHECKPOINT_EVERY writes, one runs in the thread.
     """
 
-    CHECKPOINT_EVERY = 64
+    CHECKPOINT_EVERY = 200  # ~1000 WAL pages, SQLite's own automatic checkpoint
+    RETRY_PAUSES_S = (0.0005, 0.001, 0.002, 0.004, 0.008)
 
     def __init__(self, url: URL) -> None:
         url = url.set(drivername="sqlite+pysqlite")
@@ -139,6 +144,7 @@ class _SQLiteWrites:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._connection: Connection | None = None  # the loop's, kept open: no pool round trip
         self._writes = 0
+        self._checkpoint: Future[None] | None = None
 
     @property
     def engines(self) -> list[Engine]:
@@ -146,27 +152,60 @@ class _SQLiteWrites:
 
     async def write(self, statement: Executable, params: dict[str, Any]) -> int:
         self._writes += 1
-        if self._writes % self.CHECKPOINT_EVERY:
-            if self._connection is None:
-                self._connection = self._inline.connect()
-            try:
-                changed = self._connection.execute(statement, params).rowcount
-                self._connection.commit()
-                return int(changed)
-            except OperationalError as exc:
-                self._connection.rollback()
-                if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
-                    raise
-            except BaseException:
-                self._connection.rollback()
-                raise
+        if self._writes % self.CHECKPOINT_EVERY == 0:
+            self._checkpoint_soon()
+        changed = self._try_inline(statement, params)
+        for pause in self.RETRY_PAUSES_S:
+            if changed is not None:
+                return changed
+            await asyncio.sleep(pause)
+            changed = self._try_inline(statement, params)
+        if changed is not None:
+            return changed
         # The copied context carries the caller's trace into the thread.
         call = functools.partial(contextvars.copy_context().run, self._wait, statement, params)
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
+    def _try_inline(self, statement: Executable, params: dict[str, Any]) -> int | None:
+        """Rows matched, or None if another connection holds the write lock."""
+        if self._connection is None:
+            self._connection = self._inline.connect()
+        try:
+            changed = self._connection.execute(statement, params).rowcount
+            self._connection.commit()
+            return int(changed)
+        except OperationalError as exc:
+            self._connection.rollback()
+            if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                return None
+            raise
+        except BaseException:
+            self._connection.rollback()
+            raise
+
     def _wait(self, statement: Executable, params: dict[str, Any]) -> int:
         with self._waiting.begin() as connection:
             return int(connection.execute(statement, params).rowcount)
+
+    def _checkpoint_soon(self) -> None:
+        # The thread's own future: an asyncio one is marked done only when the loop next
+        # turns, and a run of writes that never waits does not turn it.
+        if self._checkpoint is None or self._checkpoint.done():
+            self._checkpoint = self._thread.submit(self._run_checkpoint)
+            self._checkpoint.add_done_callback(_log_checkpoint_failure)
+
+    def _run_checkpoint(self) -> None:
+        with self._waiting.connect() as connection:
+            # TRUNCATE, not PASSIVE: under steady writes a passive checkpoint never catches up
+            # with the WAL's end, and the WAL only starts over once one has. Writers wait the
+            # few milliseconds it takes; it gives up after 200 ms behind a long transaction.
+            connection.exec_driver_sql("PRAGMA busy_timeout=200")
+            try:
+                busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+            finally:
+                connection.exec_driver_sql("PRAGMA busy_timeout=30000")
+        if busy:
+            log.info("SQLite checkpoint deferred: another connection was busy")
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -174,6 +213,11 @@ class _SQLiteWrites:
             self._connection.close()
         self._inline.dispose()
         self._waiting.dispose()
+
+
+def _log_checkpoint_failure(done: Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("SQLite checkpoint failed: %s", done.exception().__class__.__name__)
 
 
 def _never_wait_never_checkpoint(dbapi_connection: Any, _record: Any) -> None:
