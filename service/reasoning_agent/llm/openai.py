@@ -7,6 +7,7 @@ import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 from tenacity import (
@@ -64,6 +65,17 @@ def _retry_after(exc: BaseException | None) -> float | None:
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """A timeout, not a dropped connection: the SDK's aiohttp transport reports both as a
+    connect timeout, and only the first cause tells them apart."""
+    if not isinstance(exc, openai.APITimeoutError):
+        return False
+    root: BaseException = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return isinstance(root, TimeoutError) or not isinstance(root, aiohttp.ClientConnectionError)
+
+
 def _body(request: LLMRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"model": request.model, "messages": request.messages}
     if request.temperature is not None:
@@ -108,7 +120,7 @@ def _outcome(exc: BaseException | None) -> str:
         return "malformed" if exc.message == _MALFORMED else "no_answer"
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
-    if isinstance(exc, openai.APITimeoutError):
+    if _timed_out(exc):
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "connection_error"
@@ -153,7 +165,14 @@ class OpenAIProvider:
         self._max_attempts = max_attempts
         self._client: openai.AsyncOpenAI | None = None
         if api_key:
-            self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
+            self._client = openai.AsyncOpenAI(
+                api_key=api_key,
+                base_url=base_url,
+                max_retries=0,
+                # The SDK's aiohttp transport: its C HTTP parser takes ~0.3 ms less CPU a call
+                # than the default pure-Python one (bench/README.md).
+                http_client=openai.DefaultAioHttpClient(),
+            )
 
     def unconfigured_reason(self) -> str | None:
         return None if self._client else "OPENAI_API_KEY is not set"
@@ -231,7 +250,7 @@ def _describe(exc: openai.APIError, attempts: int) -> str:
     tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
     if isinstance(exc, openai.APIStatusError):
         return f"upstream answered HTTP {exc.status_code} {tries}"
-    if isinstance(exc, openai.APITimeoutError):
+    if _timed_out(exc):
         return f"upstream timed out {tries}"
     if isinstance(exc, openai.APIConnectionError):
         return f"upstream unreachable {tries}"
