@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -110,6 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     interval_s=settings.retention_interval_s,
                 )
             )
+        # What startup built lives as long as the process: out of the collector's sight, a full
+        # collection scans only what requests made (2 ms instead of 80 ms of stalled requests).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
