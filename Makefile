@@ -43,10 +43,12 @@ manifests: tools
 	   .tools/bin/helm template reasoning-agent charts/reasoning-agent -f k8s/kind-values.yaml \
 	     --kube-version 1.35.0 --skip-tests; } > k8s/reasoning-agent.yaml
 
-# The service against a bare pass-through and LiteLLM proxy (installs wrk and LiteLLM itself).
+# The service against a bare pass-through and LiteLLM proxy (installs wrk, h2load and LiteLLM itself).
 bench: install
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } \
-		|| { echo "bench: install wrk (apt-get install wrk)"; exit 1; }
+	@for tool in wrk:wrk h2load:nghttp2-client; do \
+		command -v $${tool%%:*} >/dev/null || { [ "$$(id -u)" = 0 ] \
+			&& apt-get install -y -qq --no-install-recommends $${tool#*:} >/dev/null; } \
+		|| { echo "bench: install $${tool#*:} (apt-get install $${tool#*:})"; exit 1; }; done
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) bench/run.py $(BENCH_ARGS)
 

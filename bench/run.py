@@ -373,6 +373,8 @@ def latency_and_throughput(tmp: Path, upstream: str, args: argparse.Namespace) -
     try:
         if not args.no_litellm and litellm_available():
             contenders.append(start_litellm(tmp, upstream, 1))
+        for c in contenders:  # warm: connections, caches, first-call imports
+            wrk(c.base_url + c.path, connections=16, seconds=2, key=c.key, script=script_for(c))
         base = [
             wrk(
                 f"{upstream}/v1/chat/completions",
@@ -429,6 +431,7 @@ def thousand_concurrent(tmp: Path) -> dict:
         for starter in (start_service, start_passthrough):
             contender = starter(tmp, slow, 2)
             try:
+                thousand_at_once(contender, tmp, n=100)  # warm: connections, caches
                 row = thousand_at_once(contender, tmp)
                 row["peak_rss_mb_per_worker"] = max(
                     peak_rss_mb(p) for p in worker_pids(contender.process)
@@ -523,6 +526,9 @@ def main() -> None:
     name = "latest.json" if only == set(SCENARIOS) else "partial.json"
     (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if name == "latest.json":
+        chart(results, RESULTS / "latest.png")
+        print(f"chart: {(RESULTS / 'latest.png').relative_to(REPO)}")
 
 
 def cpu_model() -> str:
@@ -530,6 +536,48 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+def chart(results: dict, path: Path) -> None:
+    """The headline numbers as one PNG: added latency, throughput, 1000 at once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["scenarios"]
+    added, rps = s["added_latency_1_conn"], s["throughput_16_conn"]
+    thousand = s["thousand_concurrent_1s_upstream"]
+    names = list(added)
+    colours = {"service": "#2b6cb0", "pass-through": "#718096", "LiteLLM": "#dd6b20"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    width = 0.38
+    for i, name in enumerate(names):
+        colour = colours.get(name, "#444")
+        axes[0].bar(i - width / 2, added[name]["p50_ms"], width, color=colour)
+        axes[0].bar(i + width / 2, added[name]["p99_ms"], width, color=colour, alpha=0.5)
+        axes[1].bar(i, rps[name]["rps_per_worker"], color=colour)
+    axes[0].set_title("added latency, 1 connection (ms)\nsolid p50, light p99")
+    axes[1].set_title("requests/s per worker, 16 connections")
+    for ax in axes[:2]:
+        ax.set_xticks(range(len(names)), names)
+    rows = list(thousand)
+    axes[2].bar(
+        range(len(rows)),
+        [thousand[n]["wall_s"] for n in rows],
+        color=[colours.get(n, "#444") for n in rows],
+    )
+    axes[2].axhline(2.0, color="#c53030", linestyle="--", linewidth=1, label="target 2 s")
+    axes[2].set_xticks(range(len(rows)), rows)
+    axes[2].set_title("1000 at once, 1 s upstream, 2 workers (s)")
+    axes[2].legend(loc="upper right")
+    m = results["machine"]
+    fig.suptitle(
+        f"reasoning-agent benchmark: {m['cpus']} x {m.get('cpu', '?')}, Python {m['python']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def table(results: dict) -> str:

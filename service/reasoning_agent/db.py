@@ -198,9 +198,11 @@ class _SQLiteWrites:
 
     def _run_checkpoint(self) -> None:
         with self._waiting.connect() as connection:
-            # TRUNCATE, not PASSIVE: under steady writes a passive checkpoint never catches up
-            # with the WAL's end, and the WAL only starts over once one has. Writers wait the
-            # few milliseconds it takes; it gives up after 200 ms behind a long transaction.
+            # First PASSIVE: it copies the WAL into the database and fsyncs while writers go
+            # on. Then TRUNCATE, which holds writers back but has only the last few frames
+            # left to copy; without it a steady stream of writes never lets the WAL start
+            # over. It gives up after 200 ms behind another process's long transaction.
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
             connection.exec_driver_sql("PRAGMA busy_timeout=200")
             try:
                 busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
