@@ -64,7 +64,7 @@ test-sqlite: install tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 test-postgres: install
-	TEST_DATABASE=postgresql $(PY) -m pytest --ignore=tests/deploy -m "not database_agnostic" $(PYTEST_ARGS)
+	TEST_DATABASE=postgresql $(PY) -m pytest --ignore=tests/deploy -m "not database_agnostic and not sqlite_only" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check service tests bench

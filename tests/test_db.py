@@ -11,11 +11,9 @@ import pytest
 
 from reasoning_agent import db, tasks
 from reasoning_agent.schemas import TaskIn
-from tests.support import TEST_DATABASE
 
-pytestmark = pytest.mark.skipif(
-    TEST_DATABASE != "sqlite", reason="SQLite's write path; the SQLite pass runs it"
-)
+# Its subject is SQLite's write path: `make test-postgres` deselects it.
+pytestmark = pytest.mark.sqlite_only
 
 
 async def _store(database: db.Database, prompt: str) -> str:
