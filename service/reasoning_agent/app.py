@@ -14,13 +14,14 @@ from starlette.middleware import Middleware
 
 from reasoning_agent import __version__, db, jobs, logs, retention, telemetry
 from reasoning_agent.agent import ReasoningAgent
-from reasoning_agent.api.deps import Services
+from reasoning_agent.api.deps import Services, document_api_key
 from reasoning_agent.api.routes import probes, router
 from reasoning_agent.config import Settings, load_settings
 from reasoning_agent.errors import install_handlers
 from reasoning_agent.keys import KeyRing
 from reasoning_agent.llm import load_provider
 from reasoning_agent.middleware import (
+    PUBLIC_PATHS,
     AuthMiddleware,
     RequestContextMiddleware,
     RequestLimitsMiddleware,
@@ -141,5 +142,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(router)
     app.include_router(probes)
+    document_api_key(app, public=PUBLIC_PATHS)
     tracing = telemetry.setup_tracing(app)
     return app

@@ -137,4 +137,8 @@ def test_openapi_lists_the_endpoints_and_the_key_scheme(start_service: StartServ
     assert {"/task", "/task/{task_id}", "/query", "/healthz", "/metrics"} <= set(spec["paths"])
     schemes = spec["components"]["securitySchemes"]
     assert any(s.get("name") == "X-API-Key" and s.get("in") == "header" for s in schemes.values())
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            secured = bool(operation.get("security"))
+            assert secured == (path not in ("/livez", "/readyz")), f"{method} {path}"
     assert httpx.get(f"{service.base_url}/openapi.json").status_code == 401
