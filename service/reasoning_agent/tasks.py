@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import (
+    Executable,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
@@ -183,38 +194,41 @@ async def _finish(
     return bool(changed)
 
 
+async def _commit_rows(session: AsyncSession, statement: Executable) -> int:
+    """Run one UPDATE or DELETE and commit; how many rows it changed."""
+    result = await session.execute(statement)
+    await session.commit()
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 async def claim(session: AsyncSession, task_id: str, *, statuses: tuple[str, ...]) -> Task | None:
     """Move a task to `running` if it is in one of `statuses`; None if someone else has it."""
-    changed = (
-        await session.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.status.in_(statuses))
-            .values(status=TaskStatus.RUNNING)
-        )
-    ).rowcount  # type: ignore[attr-defined]
-    await session.commit()
+    changed = await _commit_rows(
+        session,
+        update(Task)
+        .where(Task.id == task_id, Task.status.in_(statuses))
+        .values(status=TaskStatus.RUNNING),
+    )
     return await session.get(Task, task_id, populate_existing=True) if changed else None
 
 
 async def cancel(session: AsyncSession, owner: str, task_id: str) -> bool:
     """Cancel the owner's task if it is queued or running; False if it had already ended."""
-    changed = (
-        await session.execute(
-            update(Task)
-            .where(
-                Task.id == task_id,
-                Task.owner == owner,
-                Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING)),
-            )
-            .values(
-                status=TaskStatus.CANCELLED,
-                error_type="cancelled",
-                error="cancelled by the caller",
-                completed_at=datetime.now(UTC),
-            )
+    changed = await _commit_rows(
+        session,
+        update(Task)
+        .where(
+            Task.id == task_id,
+            Task.owner == owner,
+            Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING)),
         )
-    ).rowcount  # type: ignore[attr-defined]
-    await session.commit()
+        .values(
+            status=TaskStatus.CANCELLED,
+            error_type="cancelled",
+            error="cancelled by the caller",
+            completed_at=datetime.now(UTC),
+        ),
+    )
     return bool(changed)
 
 
@@ -226,9 +240,7 @@ async def unfinished_ids(session: AsyncSession, *, statuses: tuple[str, ...]) ->
 async def delete_older_than(session: AsyncSession, cutoff: datetime, *, batch: int) -> int:
     """Delete up to `batch` tasks created before `cutoff`; how many went."""
     ids = select(Task.id).where(Task.created_at < cutoff).limit(batch).scalar_subquery()
-    result = await session.execute(delete(Task).where(Task.id.in_(ids)))
-    await session.commit()
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return await _commit_rows(session, delete(Task).where(Task.id.in_(ids)))
 
 
 async def fail_interrupted(
@@ -236,7 +248,8 @@ async def fail_interrupted(
 ) -> int:
     """Fail tasks unfinished for longer than any live process could take: theirs is gone."""
     now = datetime.now(UTC)
-    result = await session.execute(
+    return await _commit_rows(
+        session,
         update(Task)
         .where(
             or_(
@@ -249,10 +262,8 @@ async def fail_interrupted(
             error_type="interrupted",
             error="interrupted: the service stopped before the answer came",
             completed_at=now,
-        )
+        ),
     )
-    await session.commit()
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 async def get_task(session: AsyncSession, owner: str, task_id: str) -> Task | None:
