@@ -68,13 +68,11 @@ def test_purge_works_in_batches(tmp_path: Path) -> None:
     )
 
     async def run() -> int | None:
-        engine = db.create_engine(url)
+        database = db.Database(url)
         try:
-            return await retention.purge(
-                engine, db.session_factory(engine), older_than=timedelta(days=7), batch=3
-            )
+            return await retention.purge(database, older_than=timedelta(days=7), batch=3)
         finally:
-            await engine.dispose()
+            await database.aclose()
 
     assert asyncio.run(run()) == 7
     assert query(url, "SELECT count(*) FROM tasks") == [(2,)]

@@ -106,8 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.retention_days is not None:
             purging = asyncio.create_task(
                 retention.run_forever(
-                    database.engine,
-                    database.sessions,
+                    database,
                     days=settings.retention_days,
                     interval_s=settings.retention_interval_s,
                 )

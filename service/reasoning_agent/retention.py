@@ -8,9 +8,10 @@ import random
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from reasoning_agent import tasks
+from reasoning_agent.db import Database
 
 __all__ = ["purge", "run_forever"]
 
@@ -21,14 +22,9 @@ _BATCH = 500
 _PAUSE_S = 0.05  # between batches, so requests get the database in between
 
 
-async def purge(
-    engine: AsyncEngine,
-    sessions: async_sessionmaker[AsyncSession],
-    *,
-    older_than: timedelta,
-    batch: int = _BATCH,
-) -> int | None:
+async def purge(database: Database, *, older_than: timedelta, batch: int = _BATCH) -> int | None:
     """Delete expired tasks batch by batch; None when another process holds the purge."""
+    engine = database.engine
     postgres = engine.dialect.name == "postgresql"
     async with engine.connect() as lock:
         if postgres:
@@ -40,7 +36,7 @@ async def purge(
             cutoff = datetime.now(UTC) - older_than
             deleted = 0
             while True:
-                async with sessions() as session:
+                async with database.sessions() as session:
                     gone = await tasks.delete_older_than(session, cutoff, batch=batch)
                 deleted += gone
                 if gone < batch:
@@ -66,18 +62,12 @@ async def _tidy(engine: AsyncEngine) -> None:
             await connection.execute(text("PRAGMA optimize"))
 
 
-async def run_forever(
-    engine: AsyncEngine,
-    sessions: async_sessionmaker[AsyncSession],
-    *,
-    days: float,
-    interval_s: float,
-) -> None:
+async def run_forever(database: Database, *, days: float, interval_s: float) -> None:
     """Purge now (after a short random delay, so workers spread out) and every `interval_s`."""
     await asyncio.sleep(random.uniform(0, min(5.0, interval_s)))
     while True:
         try:
-            deleted = await purge(engine, sessions, older_than=timedelta(days=days))
+            deleted = await purge(database, older_than=timedelta(days=days))
             if deleted:
                 log.info("retention deleted old tasks", extra={"deleted": deleted, "days": days})
         except Exception as exc:
