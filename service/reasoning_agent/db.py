@@ -18,7 +18,6 @@ from sqlalchemy import URL, Connection, Engine, Executable, event, make_url, tex
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
-    AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
@@ -32,7 +31,6 @@ __all__ = [
     "display_url",
     "migrate",
     "ping",
-    "session_factory",
 ]
 
 _SQLITE_PRAGMAS = (
@@ -77,10 +75,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
-
-
 async def ping(engine: AsyncEngine) -> None:
     """Raise unless the database answers a trivial query."""
     async with engine.connect() as connection:
@@ -93,7 +87,7 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url)
-        self.sessions = session_factory(self.engine)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._sqlite = (
             _SQLiteWrites(self.engine.url) if self.engine.dialect.name == "sqlite" else None
         )
