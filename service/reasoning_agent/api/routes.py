@@ -105,8 +105,8 @@ async def submit_task(
                     expect=TaskStatus.QUEUED,
                 )
                 raise ServiceUnavailable("the task queue is unavailable") from exc
-        elif task.request_hash != digest:
-            raise InvalidRequest("Idempotency-Key was already used with a different request")
+        else:
+            _same_request(task, digest)
         headers = {"Location": f"/task/{task.id}"}
         if prefer_async:
             headers["Preference-Applied"] = "respond-async"
@@ -151,14 +151,18 @@ async def submit_task(
 
 def _replay(task: Task, digest: str) -> TaskOut:
     """Answer a repeated Idempotency-Key as the first request was answered."""
-    if task.request_hash != digest:
-        raise InvalidRequest("Idempotency-Key was already used with a different request")
+    _same_request(task, digest)
     if task.status == TaskStatus.PENDING:
         raise Conflict("a request with this Idempotency-Key is still in progress")
     if task.status == TaskStatus.FAILED:
         error = for_type(task.error_type)
         raise error(task.error or "the task failed", extra={"task_id": task.id})
     return TaskOut.of(task)
+
+
+def _same_request(task: Task, digest: str) -> None:
+    if task.request_hash != digest:
+        raise InvalidRequest("Idempotency-Key was already used with a different request")
 
 
 def _ms_since(started: float) -> float:
