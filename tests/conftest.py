@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,17 +48,23 @@ def base_env(upstream: FakeOpenAI, database_url: str) -> dict[str, str]:
     }
 
 
-@contextmanager
-def running_service(
-    upstream: FakeOpenAI, database_url: str, log_dir: Path, **env: str
-) -> Iterator[Service]:
-    """A service for a whole module: the test default plus `env`, stopped at the end."""
-    service = Service(base_env(upstream, database_url) | env, log_path=log_dir / "service.log")
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+def module_service(directory: str, **env: str) -> Any:
+    """A module-scoped fixture: one service, the test defaults plus `env`, for a whole module.
+    Assign it to the fixture's name: `service = module_service("faults", LLM_TIMEOUT_S="2")`."""
+
+    @pytest.fixture(scope="module")
+    def fixture(
+        upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[Service]:
+        log_path = tmp_path_factory.mktemp(directory) / "service.log"
+        service = Service(base_env(upstream, database_url) | env, log_path=log_path)
+        service.start()
+        try:
+            yield service
+        finally:
+            service.stop()
+
+    return fixture
 
 
 @pytest.fixture
@@ -90,16 +96,5 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     drop_database(url)
 
 
-@pytest.fixture(scope="module")
-def shared_service(
-    upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Service]:
-    """One service per module, for tests that do not change its settings."""
-    with running_service(
-        upstream,
-        database_url,
-        tmp_path_factory.mktemp("log"),
-        RATE_LIMIT="100000/minute",
-        QUERY_RATE_LIMIT="100000/minute",
-    ) as service:
-        yield service
+# One service per module, for tests that do not change its settings.
+shared_service = module_service("log", RATE_LIMIT="100000/minute", QUERY_RATE_LIMIT="100000/minute")

@@ -4,28 +4,19 @@ service that answers the next request."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import running_service
+from tests.conftest import module_service
 from tests.fake_openai import FakeOpenAI, Step
 from tests.support import Service
 
-
-@pytest.fixture(scope="module")
-def service(
-    upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Service]:
-    with running_service(
-        upstream,
-        database_url,
-        tmp_path_factory.mktemp("faults"),
-        LLM_MAX_ATTEMPTS="2",
-        LLM_TIMEOUT_S="2",
-        RATE_LIMIT="10000/minute",
-    ) as service:
-        yield service
+service = module_service(
+    "faults",
+    LLM_MAX_ATTEMPTS="2",
+    LLM_TIMEOUT_S="2",
+    RATE_LIMIT="10000/minute",
+)
 
 
 _MALFORMED = "upstream sent a response that is not valid JSON"

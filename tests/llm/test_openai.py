@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import running_service
+from tests.conftest import module_service
 from tests.fake_openai import FakeOpenAI, Step
 from tests.support import OPENAI_KEY, Service
 
 TIMEOUT_S = 3
 
 
-@pytest.fixture(scope="module")
-def service(
-    upstream: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Service]:
-    with running_service(
-        upstream,
-        database_url,
-        tmp_path_factory.mktemp("openai"),
-        LLM_MAX_ATTEMPTS="3",
-        LLM_TIMEOUT_S=str(TIMEOUT_S),
-        RATE_LIMIT="10000/minute",
-    ) as service:
-        yield service
+service = module_service(
+    "openai",
+    LLM_MAX_ATTEMPTS="3",
+    LLM_TIMEOUT_S=str(TIMEOUT_S),
+    RATE_LIMIT="10000/minute",
+)
 
 
 def attempt_logs(service: Service) -> list[dict]:
