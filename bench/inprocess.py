@@ -29,8 +29,8 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import start_upstream
-from tests.support import ALICE, redis_url
+from run import service_env, start_upstream
+from tests.support import ALICE
 
 BODY = json.dumps({"prompt": "What is the capital of France?"}).encode()
 
@@ -44,17 +44,7 @@ def build(which: str, tmp: Path, upstream: str) -> tuple[object, list[tuple[byte
         from passthrough import app
 
         return app, headers
-    os.environ.update(
-        {
-            "API_KEYS": f"alice:{ALICE}",
-            "DATABASE_URL": f"sqlite:///{tmp}/service.db",
-            "REDIS_URL": redis_url(db=11),
-            "RATE_LIMIT": "100000000/minute",
-            "OPENAI_API_KEY": "sk-bench",
-            "OPENAI_BASE_URL": f"{upstream}/v1",
-            "OPENAI_MODEL": "bench-model",
-        }
-    )
+    os.environ.update(service_env(tmp / "service.db", upstream))
     cli = Path(sys.executable).parent / "reasoning-agent"
     subprocess.run([str(cli), "migrate"], check=True, capture_output=True)
     from reasoning_agent.app import create_app

@@ -97,23 +97,26 @@ def start_upstream(tmp: Path, delay_ms: float) -> tuple[str, subprocess.Popen[by
     return f"http://127.0.0.1:{port}", process
 
 
-def start_service(tmp: Path, upstream: str, workers: int) -> Contender:
-    port = free_port()
-    log = tmp / f"service-{port}.log"
-    env = {
+def service_env(database: Path, upstream: str) -> dict[str, str]:
+    """The service as benchmarked: Redis limits too high to bite, SQLite, the fast upstream."""
+    return {
         "API_KEYS": f"alice:{ALICE}",
-        "DATABASE_URL": f"sqlite:///{tmp}/service-{port}.db",
+        "DATABASE_URL": f"sqlite:///{database}",
         "REDIS_URL": redis_url(db=11),
         "RATE_LIMIT": "100000000/minute",
         "QUERY_RATE_LIMIT": "100000000/minute",
         "OPENAI_API_KEY": "sk-bench",
         "OPENAI_BASE_URL": f"{upstream}/v1",
         "OPENAI_MODEL": "bench-model",
-        "WORKERS": str(workers),
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
         "LOG_LEVEL": "INFO",
     }
+
+
+def start_service(tmp: Path, upstream: str, workers: int) -> Contender:
+    port = free_port()
+    log = tmp / f"service-{port}.log"
+    env = service_env(tmp / f"service-{port}.db", upstream)
+    env |= {"WORKERS": str(workers), "PORT": str(port), "HOST": "127.0.0.1"}
     process = spawn([str(Path(PY).parent / "reasoning-agent"), "serve"], env, log)
     wait_ready(f"http://127.0.0.1:{port}/livez", process, log)
     return Contender("service", f"http://127.0.0.1:{port}", ALICE, process)
