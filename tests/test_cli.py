@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import StartService
-from tests.support import ALICE, command, drop_postgres_database, free_port, postgres_database
+from tests.support import (
+    ALICE,
+    command,
+    drop_postgres_database,
+    free_port,
+    postgres_database,
+    redis_url,
+)
 
 
 def test_serve_reload_runs_one_uvicorn_process(tmp_path: Path) -> None:
@@ -70,3 +79,46 @@ def test_a_lost_database_answers_503_not_500(start_service: StartService) -> Non
         assert "Traceback" not in service.logs()
     finally:
         drop_postgres_database(url)
+
+
+def test_serve_refuses_a_port_already_taken(tmp_path: Path) -> None:
+    """Each worker binds its own socket, so gunicorn alone would respawn them forever."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            "PATH": os.environ["PATH"],
+            "API_KEYS": f"alice:{ALICE}",
+            "LLM_PROVIDER": "mock",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "DATABASE_URL": f"sqlite:///{tmp_path}/tasks.db",
+        }
+        result = subprocess.run(
+            [*command(), "serve"], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"PORT: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_every_worker_listens_on_its_own_socket(start_service: StartService) -> None:
+    """SO_REUSEPORT: the kernel spreads new connections over the workers' sockets."""
+    service = start_service(LLM_PROVIDER="mock", WORKERS="2", REDIS_URL=redis_url(db=9))
+    deadline = time.monotonic() + 30
+    while len(listeners(service.port)) < 2:  # the second worker may still be booting
+        assert time.monotonic() < deadline, listeners(service.port)
+        time.sleep(0.1)
+    assert len(listeners(service.port)) == 2
+
+
+def listeners(port: int) -> list[str]:
+    """Listening sockets on the loopback port, from /proc/net/tcp."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return [
+        line
+        for line in lines
+        if line.split()[1] == f"0100007F:{port:04X}" and line.split()[3] == "0A"  # LISTEN
+    ]
