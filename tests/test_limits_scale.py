@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 from limits import parse_many
+from redis.asyncio import Redis
 
-from reasoning_agent.ratelimit import LocalLimiter, RateLimiter
+from reasoning_agent.ratelimit import Decision, LocalLimiter, RateLimiter, StoreUnavailable
 from tests.conftest import StartService
 from tests.support import ALICE, BOB, free_port, need, redis_url
 
@@ -190,3 +192,71 @@ def test_the_sliding_window_is_exact_in_redis_and_in_memory() -> None:
         True,
         False,
     ]
+
+
+def test_checks_made_at_once_share_pipelines_and_stay_exact(own_redis: dict) -> None:
+    """200 checks at once from one worker: exactly the limit passes, and they reach Redis in
+    pipelines of up to 32, a few reads on its side rather than one per check."""
+    items = parse_many("50/minute")
+
+    async def at_once() -> tuple[list[Decision], int]:
+        limiter = RateLimiter(redis_url=own_redis["url"])
+        admin = Redis.from_url(own_redis["url"])
+        try:
+            await limiter.hit("t", "warm", items)  # connect and load the script first
+            before = (await admin.info("stats"))["total_reads_processed"]
+            decisions = await asyncio.gather(
+                *(limiter.hit("t", "owner", items) for _ in range(200))
+            )
+            reads = (await admin.info("stats"))["total_reads_processed"] - before - 1
+            return list(decisions), reads
+        finally:
+            await limiter.aclose()
+            await admin.aclose()
+
+    decisions, reads = asyncio.run(at_once())
+    allowed = [d for d in decisions if d.allowed]
+    assert len(allowed) == 50
+    assert sorted(d.remaining for d in allowed) == list(range(50))
+    assert all(d.retry_after >= 1 for d in decisions if not d.allowed)
+    assert 0 < reads <= 2 * math.ceil(200 / 32), reads
+
+
+def test_a_flushed_script_cache_is_loaded_again() -> None:
+    """A restarted Redis has forgotten the script: it is loaded again and nothing is counted
+    twice."""
+    url = redis_url()
+    items = parse_many("10/minute")
+
+    async def around_a_flush() -> list[int]:
+        limiter = RateLimiter(redis_url=url, on_store_error="deny")
+        admin = Redis.from_url(url)
+        try:
+            first = await limiter.hit("t", "flushed", items)
+            await admin.script_flush()
+            after = await asyncio.gather(*(limiter.hit("t", "flushed", items) for _ in range(3)))
+            return [first.remaining, *(d.remaining for d in after)]
+        finally:
+            await limiter.aclose()
+            await admin.aclose()
+
+    assert sorted(asyncio.run(around_a_flush())) == [6, 7, 8, 9]
+
+
+def test_a_batch_that_cannot_reach_redis_fails_every_check_in_it() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def at_once() -> list[BaseException | Decision]:
+        limiter = RateLimiter(redis_url=dead, on_store_error="deny")
+        try:
+            items = parse_many("5/minute")
+            return list(
+                await asyncio.gather(
+                    *(limiter.hit("t", "o", items) for _ in range(40)), return_exceptions=True
+                )
+            )
+        finally:
+            await limiter.aclose()
+
+    outcomes = asyncio.run(at_once())
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes

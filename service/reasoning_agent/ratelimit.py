@@ -9,6 +9,8 @@ share a hash tag, so the script also runs on Redis Cluster.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -17,10 +19,11 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from itertools import count
-from typing import Literal
+from typing import Any, Literal
 
 from limits import RateLimitItem
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from reasoning_agent import metrics
 
@@ -155,7 +158,7 @@ class RateLimiter:
             self._redis = Redis.from_url(
                 redis_url, socket_connect_timeout=1.0, socket_timeout=1.0, decode_responses=False
             )
-            self._script = self._redis.register_script(_SCRIPT)
+            self._script = _Pipelined(self._redis, _SCRIPT)
         self._on_store_error = on_store_error
         self._local = LocalLimiter()
         self._fallback = LocalLimiter(share=local_share)
@@ -200,11 +203,11 @@ class RateLimiter:
     async def _shared_hit(self, scope: str, owner: str, items: list[RateLimitItem]) -> Decision:
         tag = f"{self._prefix}:{{{scope}:{owner}}}"  # one hash slot per caller and scope
         keys = [f"{tag}:{item.amount}/{item.get_expiry()}" for item in items]
-        args: list[int | str] = []
+        args: list[str] = []
         for item in items:
-            args += [item.amount, _window_ms(item)]
+            args += [str(item.amount), str(_window_ms(item))]
         args.append(f"{self._process}-{next(self._ids)}")
-        allowed, remaining, reset_ms, retry_ms, tightest = await self._script(keys=keys, args=args)
+        allowed, remaining, reset_ms, retry_ms, tightest = await self._script(keys, args)
         limit = items[int(tightest) - 1].amount
         return _decision(bool(allowed), limit, int(remaining), float(reset_ms), float(retry_ms))
 
@@ -220,3 +223,77 @@ class RateLimiter:
     async def aclose(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+
+
+_Call = tuple[list[str], list[str], "asyncio.Future[Any]"]
+
+
+class _Pipelined:
+    """Runs a Lua script for all requests of one event-loop turn in one pipeline: one write
+    and one read for the lot instead of one each (at 16 requests at once, ~10% less CPU per
+    request to the whole service). Each script still runs atomically on its own; the pipeline
+    is not a transaction. Its span joins the trace of the request that opened it."""
+
+    # A batch resolves all at once, so its requests go on in lockstep and the first of them
+    # waits for the last; smaller batches let the first ones reach the LLM sooner.
+    MAX_BATCH = 32
+
+    def __init__(self, redis: Redis, script: str) -> None:
+        self._redis = redis
+        self._script = script
+        self._sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()  # its name
+        self._waiting: list[_Call] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: list[str], args: list[str]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((keys, args, future))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._flush)  # once every request ready this turn has asked
+        return await future
+
+    def _flush(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self.MAX_BATCH]
+            del self._waiting[: self.MAX_BATCH]
+            sending = asyncio.create_task(self._send(batch))
+            self._sending.add(sending)  # the loop keeps only a weak reference
+            sending.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            results = await self._run([(keys, args) for keys, args, _ in batch])
+        except BaseException as exc:  # Redis unreachable: every request of the batch hears it
+            for _, _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:
+                    future.cancel()  # shutting down
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():  # its request was cancelled meanwhile
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _run(
+        self, calls: list[tuple[list[str], list[str]]], *, load: bool = True
+    ) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if unknown and load:  # a new or flushed Redis: load the script, run again what did not
+            await self._redis.script_load(self._script)
+            again = await self._run([calls[i] for i in unknown], load=False)
+            for i, result in zip(unknown, again, strict=True):
+                results[i] = result
+        return results
