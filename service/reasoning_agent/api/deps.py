@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
-from limits import RateLimitItem
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from reasoning_agent import metrics
@@ -79,13 +78,21 @@ SessionDep = Annotated[AsyncSession, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_caller)]
 
 
-async def _limit(
-    scope: str,
-    items: list[RateLimitItem],
-    services: Services,
-    caller: ApiKey,
-    response: Response,
-) -> Decision:
+# The limits take what they need from the request rather than from other dependencies:
+# FastAPI resolves each one per request, ~35 us apiece on the busiest route.
+async def _task_limit(request: Request, response: Response) -> Decision:
+    return await _limit("task", request, response)
+
+
+async def _query_limit(request: Request, response: Response) -> Decision:
+    return await _limit("query", request, response)
+
+
+async def _limit(scope: Literal["task", "query"], request: Request, response: Response) -> Decision:
+    services: Services = request.app.state.services
+    caller = _authenticated(request)
+    settings = services.settings
+    items = settings.rate_limits if scope == "task" else settings.query_rate_limits
     with span("rate_limit") as current:
         try:
             decision = await services.limiter.hit(scope, caller.name, items)
@@ -107,20 +114,6 @@ async def _limit(
         )
     response.headers.update(decision.headers)
     return decision
-
-
-# The limits take what they need from the request rather than from other dependencies:
-# FastAPI resolves each one per request, ~35 us apiece on the busiest route.
-async def _task_limit(request: Request, response: Response) -> Decision:
-    services: Services = request.app.state.services
-    items = services.settings.rate_limits
-    return await _limit("task", items, services, _authenticated(request), response)
-
-
-async def _query_limit(request: Request, response: Response) -> Decision:
-    services: Services = request.app.state.services
-    items = services.settings.query_rate_limits
-    return await _limit("query", items, services, _authenticated(request), response)
 
 
 def document_api_key(app: FastAPI, *, public: frozenset[str]) -> None:
