@@ -23,15 +23,20 @@ from tests.support import (
 )
 
 
-def test_serve_reload_runs_one_uvicorn_process(tmp_path: Path) -> None:
-    port = free_port()
-    env = {
+def _mock_env(tmp_path: Path, port: int) -> dict[str, str]:
+    """`serve` on 127.0.0.1:`port` (the default host) with the mock provider and SQLite."""
+    return {
         "PATH": os.environ["PATH"],
         "API_KEYS": f"alice:{ALICE}",
         "LLM_PROVIDER": "mock",
         "PORT": str(port),
         "DATABASE_URL": f"sqlite:///{tmp_path}/tasks.db",
     }
+
+
+def test_serve_reload_runs_one_uvicorn_process(tmp_path: Path) -> None:
+    port = free_port()
+    env = _mock_env(tmp_path, port)
     log = (tmp_path / "reload.log").open("wb")
     process = subprocess.Popen(
         [*command(), "serve", "--reload"],
@@ -87,16 +92,12 @@ def test_serve_refuses_a_port_already_taken(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {
-            "PATH": os.environ["PATH"],
-            "API_KEYS": f"alice:{ALICE}",
-            "LLM_PROVIDER": "mock",
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "DATABASE_URL": f"sqlite:///{tmp_path}/tasks.db",
-        }
         result = subprocess.run(
-            [*command(), "serve"], env=env, capture_output=True, text=True, timeout=60
+            [*command(), "serve"],
+            env=_mock_env(tmp_path, port),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"PORT: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
