@@ -89,14 +89,20 @@ def test_traces_reach_an_otlp_receiver_from_two_workers(
     for forbidden in (ALICE, BOB, OPENAI_KEY, "trace me end to end", "filler"):
         assert forbidden not in every
 
-    # Log lines are JSON and carry the trace id of their request.
-    lines = [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
+    # Log lines are JSON and carry the trace id of their request. A worker writes the access
+    # line just after the response has gone, so the last one may still be on its way.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
+        access = [
+            line for line in lines if line.get("message") == "request" and line["route"] == "/task"
+        ]
+        if len(access) >= 11 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     mine = [line for line in lines if line.get("trace_id") == trace_id]
     assert {line["message"] for line in mine} >= {"request", "llm attempt"}
     assert all(re.fullmatch(r"[0-9a-f]{16}", line["span_id"]) for line in mine)
-    access = [
-        line for line in lines if line.get("message") == "request" and line["route"] == "/task"
-    ]
     assert len(access) == 11 and all("trace_id" in line for line in access)
     assert len({line["trace_id"] for line in access}) == 11
     assert not [line for line in lines if "trace me end to end" in json.dumps(line)]
