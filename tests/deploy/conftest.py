@@ -28,9 +28,11 @@ def tool(name: str) -> str:
     pytest.skip(message)
 
 
-def run(*args: str, check: bool = True, **options: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, check: bool = True, timeout: float = 300, **options: Any
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        args, capture_output=True, text=True, timeout=300, check=False, **options
+        args, capture_output=True, text=True, timeout=timeout, check=False, **options
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

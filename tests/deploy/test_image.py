@@ -27,8 +27,16 @@ BASE_IMAGE = "python:3.12-slim"
 IMAGE = "reasoning-agent:test"
 
 
-def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(tool("docker"), *args, check=check, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+# A first build, with nothing cached (the stand-in base, then pip in the image), took over
+# two minutes on a slower 2-core machine: more than the suite's per-test default.
+pytestmark = pytest.mark.timeout(1200)
+
+
+def docker(
+    *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    return run(tool("docker"), *args, check=check, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +126,7 @@ def image(engine: None) -> Iterator[dict]:
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
         stand_in_base_image()
     started = time.monotonic()
-    docker("build", "--network", "host", "--tag", IMAGE, str(REPO))
+    docker("build", "--network", "host", "--tag", IMAGE, str(REPO), timeout=900)
     built_s = time.monotonic() - started
     info = json.loads(docker("image", "inspect", IMAGE).stdout)[0]
     base = json.loads(docker("image", "inspect", BASE_IMAGE).stdout)[0]
