@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -62,6 +64,45 @@ def query(url: str, sql: str) -> list[tuple]:
             await conn.close()
 
     return asyncio.run(fetch())
+
+
+@contextlib.contextmanager
+def write_lock(url: str) -> Iterator[None]:
+    """Hold the database's write lock on the tasks table from outside the service while inside."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            db.rollback()
+            db.close()
+        return
+    import asyncpg
+
+    held, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE tasks IN SHARE MODE")  # INSERT and UPDATE wait
+                held.set()
+                await asyncio.to_thread(release.wait, 60)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),))
+    holder.start()
+    try:
+        if not held.wait(10):
+            raise RuntimeError("could not lock the tasks table")
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=30)
 
 
 def free_port() -> int:

@@ -27,8 +27,10 @@ __all__ = [
     "Outcome",
     "Runner",
     "answer",
+    "ask",
     "execute",
     "horizons",
+    "record",
     "sweep_forever",
     "worker_settings",
 ]
@@ -68,52 +70,81 @@ async def answer(
     store_text: bool,
     expect: str | None = None,
 ) -> Outcome:
-    """Ask the agent, record the answer or the failure on the task, and count both; the one
-    path for requests and background tasks alike. With `expect`, a task no longer in that
-    status (cancelled meanwhile) is left as it is."""
+    """Ask the agent, then record the answer or the failure on the task; the one path for
+    background tasks and for requests that store the task before the call."""
+    outcome = await ask(
+        agent,
+        prompt=prompt,
+        system=system,
+        model=task.model,
+        temperature=task.temperature,
+        max_tokens=task.max_tokens,
+    )
+    await record(
+        database, task, outcome, provider=agent.provider.name, store_text=store_text, expect=expect
+    )
+    return outcome
+
+
+async def ask(
+    agent: ReasoningAgent,
+    *,
+    prompt: str,
+    system: str | None,
+    model: str,
+    temperature: float | None,
+    max_tokens: int | None,
+) -> Outcome:
+    """The agent's answer or the LLMError that says why there is none, and how long it took."""
     started = time.monotonic()
-    provider, model = agent.provider.name, metrics.model_label(task.model)
     try:
         result = await agent.run(
-            prompt,
-            system=system,
-            model=task.model,
-            temperature=task.temperature,
-            max_tokens=task.max_tokens,
+            prompt, system=system, model=model, temperature=temperature, max_tokens=max_tokens
         )
     except llm.LLMError as exc:
-        seconds = time.monotonic() - started
-        error_type = for_llm_error(exc).type
+        return Outcome(None, exc, time.monotonic() - started)
+    return Outcome(result, None, time.monotonic() - started)
+
+
+async def record(
+    database: Database,
+    task: Task,
+    outcome: Outcome,
+    *,
+    provider: str,
+    store_text: bool,
+    expect: str | None = None,
+) -> None:
+    """Store the outcome on the task and count it. With `expect`, a task no longer in that
+    status (cancelled meanwhile) is left as it is."""
+    model, seconds = metrics.model_label(task.model), outcome.seconds
+    latency_ms = round(seconds * 1000, 2)
+    metrics.LLM_SECONDS.labels(provider, model).observe(seconds)
+    if outcome.error is not None:
+        error_type = for_llm_error(outcome.error).type
         metrics.LLM_CALLS.labels(provider, model, error_type).inc()
-        metrics.LLM_SECONDS.labels(provider, model).observe(seconds)
         failed = await tasks.mark_failed(
             database,
             task,
             error_type=error_type,
-            message=str(exc),
-            attempts=exc.attempts,
-            latency_ms=round(seconds * 1000, 2),
+            message=str(outcome.error),
+            attempts=outcome.error.attempts,
+            latency_ms=latency_ms,
             expect=expect,
         )
         if failed:
             metrics.TASKS.labels(TaskStatus.FAILED).inc()
-        return Outcome(None, exc, seconds)
-    seconds = time.monotonic() - started
+        return
+    result = outcome.result
+    assert result is not None
     metrics.LLM_CALLS.labels(provider, model, "ok").inc()
-    metrics.LLM_SECONDS.labels(provider, model).observe(seconds)
     metrics.TOKENS.labels(task.owner, "input").inc(result.prompt_tokens or 0)
     metrics.TOKENS.labels(task.owner, "output").inc(result.completion_tokens or 0)
     done = await tasks.mark_completed(
-        database,
-        task,
-        result,
-        latency_ms=round(seconds * 1000, 2),
-        store_text=store_text,
-        expect=expect,
+        database, task, result, latency_ms=latency_ms, store_text=store_text, expect=expect
     )
     if done:
         metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
-    return Outcome(result, None, seconds)
 
 
 async def execute(

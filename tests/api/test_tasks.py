@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from tests.fake_openai import FakeOpenAI, Step
-from tests.support import ALICE, BOB, Service
+from tests.support import ALICE, BOB, Service, query, write_lock
 
 
 def unique(text: str) -> str:
@@ -92,6 +94,35 @@ def test_the_same_idempotency_key_returns_the_same_task_without_a_second_call(
         other = bob.post("/task", json=body, headers=headers)
         assert other.status_code == 200 and other.json()["id"] != first.json()["id"]
         assert fake_llm.calls == 2
+
+
+def test_the_llm_is_asked_while_the_pending_row_waits_for_the_database(
+    shared_service: Service, fake_llm: FakeOpenAI
+) -> None:
+    """The pending write runs beside the LLM call, so it adds nothing to the caller's wait;
+    with an Idempotency-Key the key is settled in the database first and the LLM waits."""
+    url = shared_service.env["DATABASE_URL"]
+    plain, keyed = unique("asked at once"), unique("asked once the key is stored")
+    with ThreadPoolExecutor(2) as pool, shared_service.client() as client:
+        with write_lock(url):
+            first = pool.submit(client.post, "/task", json={"prompt": plain})
+            second = pool.submit(
+                client.post,
+                "/task",
+                json={"prompt": keyed},
+                headers={"Idempotency-Key": uuid.uuid4().hex},
+            )
+            deadline = time.monotonic() + 10
+            while fake_llm.calls == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.5)  # time enough for the keyed request to reach the LLM, were it sent
+            assert [r.body["messages"][-1]["content"] for r in fake_llm.requests] == [plain]
+            assert not first.done()  # answered by the LLM, but not stored yet: no reply
+        for response in (first.result(timeout=30), second.result(timeout=30)):
+            assert response.status_code == 200, response.text
+            assert response.json()["status"] == "completed"
+    stored = query(url, f"SELECT status FROM tasks WHERE prompt IN ('{plain}', '{keyed}')")
+    assert stored == [("completed",), ("completed",)]
 
 
 def test_concurrent_requests_with_one_idempotency_key_make_one_task(

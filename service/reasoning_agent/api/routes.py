@@ -11,6 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from reasoning_agent import jobs, metrics, tasks
+from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.api.deps import (
     ApiKeyDep,
     QueryLimitDep,
@@ -79,17 +80,29 @@ async def submit_task(
         )
     model = body.model or agent.default_model
     digest = tasks.request_hash(body, model)
-    task, created = await tasks.create_pending(
-        database,
-        owner=caller.name,
-        body=body,
-        model=model,
-        digest=digest,
-        idempotency_key=idempotency_key,
-        trace_id=current_trace_id(request.headers),
-        store_text=settings.store_prompts,
-        status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
-    )
+    started = time.monotonic()
+    asking = None
+    if not background and idempotency_key is None:
+        # Nothing to look up first, so the request goes to the LLM now and the pending row is
+        # written while the LLM works on it: the write adds nothing to the caller's wait.
+        asking = _ask(agent, body, model)
+        await asyncio.sleep(0)  # lets it put the request on the wire
+    try:
+        task, created = await tasks.create_pending(
+            database,
+            owner=caller.name,
+            body=body,
+            model=model,
+            digest=digest,
+            idempotency_key=idempotency_key,
+            trace_id=current_trace_id(request.headers),
+            store_text=settings.store_prompts,
+            status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
+        )
+    except BaseException:
+        if asking is not None:  # not stored: stop the call, the caller gets the error alone
+            asking.cancel()
+        raise
     if background:
         if created:
             try:
@@ -114,15 +127,10 @@ async def submit_task(
     if not created:
         return _replay(task, digest)
 
-    started = time.monotonic()
     try:
-        outcome = await jobs.answer(
-            database,
-            task,
-            agent,
-            prompt=body.prompt,
-            system=body.system,
-            store_text=settings.store_prompts,
+        outcome = await (asking or _ask(agent, body, model))
+        await jobs.record(
+            database, task, outcome, provider=agent.provider.name, store_text=settings.store_prompts
         )
     except asyncio.CancelledError:
         await asyncio.shield(
@@ -147,6 +155,19 @@ async def submit_task(
             update={"prompt": body.prompt, "system": body.system, "answer": outcome.result.answer}
         )
     return answer
+
+
+def _ask(agent: ReasoningAgent, body: TaskIn, model: str) -> asyncio.Task[jobs.Outcome]:
+    return asyncio.create_task(
+        jobs.ask(
+            agent,
+            prompt=body.prompt,
+            system=body.system,
+            model=model,
+            temperature=body.temperature,
+            max_tokens=body.max_tokens,
+        )
+    )
 
 
 def _replay(task: Task, digest: str) -> TaskOut:
