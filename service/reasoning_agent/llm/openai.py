@@ -148,6 +148,21 @@ class _StopBefore(stop_base):
         return time.monotonic() + state.upcoming_sleep >= self._deadline
 
 
+class _Client(openai.AsyncOpenAI):
+    """The SDK's client, working out each endpoint's URL once: the SDK parses and joins it
+    again on every call, ~90 us of the ~250 us it takes to build a request (bench/README.md)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._urls: dict[str, httpx2.URL] = {}
+
+    def _prepare_url(self, url: str) -> httpx2.URL:
+        prepared = self._urls.get(url)
+        if prepared is None:
+            prepared = self._urls[url] = super()._prepare_url(url)
+        return prepared
+
+
 class OpenAIProvider:
     """Chat completions through the official SDK, with its own retries off and ours on."""
 
@@ -165,7 +180,7 @@ class OpenAIProvider:
         self._max_attempts = max_attempts
         self._client: openai.AsyncOpenAI | None = None
         if api_key:
-            self._client = openai.AsyncOpenAI(
+            self._client = _Client(
                 api_key=api_key,
                 base_url=base_url,
                 max_retries=0,
