@@ -70,8 +70,9 @@ async def answer(
     store_text: bool,
     expect: str | None = None,
 ) -> Outcome:
-    """Ask the agent, then record the answer or the failure on the task; the one path for
-    background tasks and for requests that store the task before the call."""
+    """Ask the agent about a stored task, then record the answer or the failure on it: the
+    background path. POST /task calls `ask` and `record` itself, to start the call before the
+    task is stored."""
     outcome = await ask(
         agent,
         prompt=prompt,

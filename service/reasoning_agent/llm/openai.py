@@ -150,7 +150,7 @@ class _StopBefore(stop_base):
 
 class _Client(openai.AsyncOpenAI):
     """The SDK's client, working out each endpoint's URL once: the SDK parses and joins it
-    again on every call, ~90 us of the ~250 us it takes to build a request (bench/README.md)."""
+    again on every call, ~90 us of the ~320 us it took to build a request (bench/README.md)."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
