@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import sqlite3
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import sqlalchemy
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import URL, Connection, Engine, Executable, event, make_url, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     async_sessionmaker,
@@ -111,30 +112,17 @@ class Database:
         await self.engine.dispose()
 
 
-@dataclass(slots=True)
-class _Write:
-    """One statement waiting for the next commit, and the caller's context for its span."""
-
-    statement: Executable
-    params: dict[str, Any]
-    context: contextvars.Context
-    done: asyncio.Future[int]
-
-
 class _SQLiteWrites:
     """Short write transactions on SQLite without aiosqlite's two thread hand-offs per DBAPI
-    call (they cost more CPU than the SQL itself), committed in groups.
+    call (they cost more CPU than the SQL itself).
 
-    The writes of one event-loop turn run at the start of the next, right here on the loop,
-    in one transaction: a commit costs more than an INSERT, so 32 tasks stored together take
-    ~55 us each instead of ~110, and a burst makes half the syscalls (bench/README.md). With
-    busy_timeout=0 the transaction takes the write lock at once and commits in well under a
-    millisecond (WAL with synchronous=NORMAL does not fsync), or it fails with SQLITE_BUSY
-    having changed nothing. Then, as SQLite's own busy handler would, it sleeps and tries
-    again, but asleep in asyncio rather than blocking the loop; a lock held past the last pause
-    (another process in a long transaction) is waited for in a dedicated thread. Checkpoints
-    fsync, so the loop's connection never runs them: every CHECKPOINT_EVERY writes, one runs
-    in the thread.
+    A write runs right here on the event loop with busy_timeout=0: it takes the write lock at
+    once and commits in tens of microseconds (WAL with synchronous=NORMAL does not fsync), or
+    it fails with SQLITE_BUSY having changed nothing. Then, as SQLite's own busy handler would,
+    it sleeps and tries again, but asleep in asyncio rather than blocking the loop; a lock held
+    past the last pause (another process in a long transaction) is waited for in a dedicated
+    thread. Checkpoints fsync, so the loop's connection never runs them: every
+    CHECKPOINT_EVERY writes, one runs in the thread.
     """
 
     # Each checkpoint copies ~5 WAL pages a write back into the database (~20 MB of WAL
@@ -152,8 +140,6 @@ class _SQLiteWrites:
         event.listen(self._waiting, "connect", _sqlite_pragmas)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._connection: Connection | None = None  # the loop's, kept open: no pool round trip
-        self._queue: list[_Write] = []  # this turn's writes, committed at the start of the next
-        self._retrying: set[asyncio.Task[None]] = set()
         self._writes = 0
         self._checkpoint: Future[None] | None = None
 
@@ -165,39 +151,38 @@ class _SQLiteWrites:
         self._writes += 1
         if self._writes % self.CHECKPOINT_EVERY == 0:
             self._checkpoint_soon()
-        loop = asyncio.get_running_loop()
-        write = _Write(statement, params, contextvars.copy_context(), loop.create_future())
-        self._queue.append(write)
-        if len(self._queue) == 1:
-            loop.call_soon(self._commit_queue)
-        return await write.done
+        changed = self._try_inline(statement, params)
+        for pause in self.RETRY_PAUSES_S:
+            if changed is not None:
+                return changed
+            await asyncio.sleep(pause)
+            changed = self._try_inline(statement, params)
+        if changed is not None:
+            return changed
+        # The copied context carries the caller's trace into the thread.
+        call = functools.partial(contextvars.copy_context().run, self._wait, statement, params)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
-    def _commit_queue(self) -> None:
-        batch, self._queue = _live(self._queue), []
+    def _try_inline(self, statement: Executable, params: dict[str, Any]) -> int | None:
+        """Rows matched, or None if another connection holds the write lock."""
         if self._connection is None:
             self._connection = self._inline.connect()
-        waiting = _settle(batch, _run(self._connection, batch))
-        if waiting:
-            retry = asyncio.create_task(self._retry(waiting))
-            self._retrying.add(retry)
-            retry.add_done_callback(self._retrying.discard)
+        try:
+            changed = self._connection.execute(statement, params).rowcount
+            self._connection.commit()
+            return int(changed)
+        except OperationalError as exc:
+            self._connection.rollback()
+            if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                return None
+            raise
+        except BaseException:
+            self._connection.rollback()
+            raise
 
-    async def _retry(self, batch: list[_Write]) -> None:
-        """Writes that found the lock taken: a few short sleeps, then a wait in the thread."""
-        assert self._connection is not None
-        for pause in self.RETRY_PAUSES_S:
-            await asyncio.sleep(pause)
-            batch = _live(batch)
-            batch = _settle(batch, _run(self._connection, batch))
-            if not batch:
-                return
-        batch = _live(batch)
-        results = await asyncio.get_running_loop().run_in_executor(self._thread, self._wait, batch)
-        _settle(batch, results, last_try=True)
-
-    def _wait(self, batch: list[_Write]) -> list[int | Exception]:
-        with self._waiting.connect() as connection:
-            return _run(connection, batch)
+    def _wait(self, statement: Executable, params: dict[str, Any]) -> int:
+        with self._waiting.begin() as connection:
+            return int(connection.execute(statement, params).rowcount)
 
     def _checkpoint_soon(self) -> None:
         # The thread's own future: an asyncio one is marked done only when the loop next
@@ -230,50 +215,6 @@ class _SQLiteWrites:
             self._connection.close()
         self._inline.dispose()
         self._waiting.dispose()
-
-
-def _run(connection: Connection, batch: list[_Write]) -> list[int | Exception]:
-    """Each write's row count, from one transaction, or each one's own error."""
-    try:
-        counts: list[int | Exception] = [
-            int(write.context.run(connection.execute, write.statement, write.params).rowcount)
-            for write in batch
-        ]
-        connection.commit()
-        return counts
-    except Exception as exc:
-        connection.rollback()
-        if len(batch) == 1 or _is_busy(exc):
-            return [exc] * len(batch)
-    # One statement failed and took the others' transaction with it: each on its own now.
-    return [_run(connection, [write])[0] for write in batch]
-
-
-def _settle(
-    batch: list[_Write], results: list[int | Exception], *, last_try: bool = False
-) -> list[_Write]:
-    """Hand each write its result; return the ones the write lock kept back."""
-    waiting = []
-    for write, result in zip(batch, results, strict=True):
-        if write.done.done():  # its caller was cancelled meanwhile
-            continue
-        if isinstance(result, Exception) and _is_busy(result) and not last_try:
-            waiting.append(write)
-        elif isinstance(result, Exception):
-            write.done.set_exception(result)
-        else:
-            write.done.set_result(result)
-    return waiting
-
-
-def _live(batch: list[_Write]) -> list[_Write]:
-    """The writes whose callers still wait: a cancelled one is not made."""
-    return [write for write in batch if not write.done.done()]
-
-
-def _is_busy(exc: Exception) -> bool:
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _log_checkpoint_failure(done: Future[None]) -> None:
