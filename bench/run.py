@@ -112,11 +112,13 @@ def service_env(database: Path, upstream: str) -> dict[str, str]:
     }
 
 
-def start_service(tmp: Path, upstream: str, workers: int) -> Contender:
+def start_service(
+    tmp: Path, upstream: str, workers: int, *, extra_env: dict[str, str] | None = None
+) -> Contender:
     port = free_port()
     log = tmp / f"service-{port}.log"
     env = service_env(tmp / f"service-{port}.db", upstream)
-    env |= {"WORKERS": str(workers), "PORT": str(port), "HOST": "127.0.0.1"}
+    env |= {"WORKERS": str(workers), "PORT": str(port), "HOST": "127.0.0.1", **(extra_env or {})}
     process = spawn([str(Path(PY).parent / "reasoning-agent"), "serve"], env, log)
     wait_ready(f"http://127.0.0.1:{port}/livez", process, log)
     return Contender("service", f"http://127.0.0.1:{port}", ALICE, process)
