@@ -79,7 +79,6 @@ async def submit_task(
             "background tasks need STORE_PROMPTS=true: the queued prompt is stored"
         )
     model = body.model or agent.default_model
-    digest = tasks.request_hash(body, model)
     started = time.monotonic()
     asking = None
     if not background and idempotency_key is None:
@@ -87,6 +86,7 @@ async def submit_task(
         # written while the LLM works on it: the write adds nothing to the caller's wait.
         asking = _ask(agent, body, model)
         await asyncio.sleep(0)  # lets it put the request on the wire
+    digest = tasks.request_hash(body, model)  # for the row, so after the request is sent
     try:
         task, created = await tasks.create_pending(
             database,
