@@ -137,6 +137,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Prompt in, LLM answer out; every task stored; limits per API key.",
         lifespan=lifespan,
+        # Tracing is ours (telemetry.setup_tracing, only when configured); FastAPI's own would
+        # look up the global OpenTelemetry providers on every request to find them unset.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         middleware=[
             Middleware(RequestContextMiddleware),
             Middleware(AuthMiddleware, keyring=keyring),
