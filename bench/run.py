@@ -7,7 +7,7 @@ message when it cannot be installed), each with the same number of gunicorn/uvic
 Load comes from wrk; contenders are measured in turn, A B C A B C, and each figure is the
 median of the rounds.
 
-    .venv/bin/python bench/run.py [--rounds 3] [--seconds 10] [--no-litellm] [--quick]
+    .venv/bin/python bench/run.py [--rounds 5] [--seconds 10] [--no-litellm] [--quick]
 """
 
 from __future__ import annotations
@@ -417,12 +417,16 @@ def latency_and_throughput(tmp: Path, upstream: str, args: argparse.Namespace) -
             c.name: {
                 "p50_ms": median_of(one[c.name], "p50") - up_p50,
                 "p99_ms": median_of(one[c.name], "p99") - up_p99,
+                # each round's, as wrk measured them (the upstream's own still in)
+                "p50_ms_each": [r["p50"] for r in one[c.name]],
+                "p99_ms_each": [r["p99"] for r in one[c.name]],
             }
             for c in contenders
         },
         "throughput_16_conn": {
             c.name: {
                 "rps_per_worker": median_of(sixteen[c.name], "rps"),
+                "rps_each": [r["rps"] for r in sixteen[c.name]],
                 "errors": sum(r["errors"] for r in sixteen[c.name]),
             }
             for c in contenders
@@ -493,7 +497,7 @@ SCENARIOS = ("latency", "thousand", "query", "limit")
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--quick", action="store_true", help="1 round of 5 s, small /query seed")
