@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -103,6 +104,25 @@ def write_lock(url: str) -> Iterator[None]:
     finally:
         release.set()
         holder.join(timeout=30)
+
+
+@contextlib.contextmanager
+def cyclic_garbage(*prefixes: str) -> Iterator[list[str]]:
+    """The types, from modules named by `prefixes`, of what was made inside and only the
+    cyclic collector could free: a cycle a request makes stalls the workers later."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # keep what a collection finds, to name it
+    found: list[str] = []
+    try:
+        yield found
+        gc.collect()
+        names = {f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage}
+        found.extend(sorted(name for name in names if name.startswith(prefixes)))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def free_port() -> int:

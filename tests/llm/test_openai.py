@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import pytest
 
+from reasoning_agent.llm import LLMRequest
+from reasoning_agent.llm.openai import OpenAIProvider
 from tests.conftest import module_service
 from tests.fake_openai import FakeOpenAI, Step
-from tests.support import OPENAI_KEY, Service
+from tests.support import OPENAI_KEY, Service, cyclic_garbage
 
 TIMEOUT_S = 3
 
@@ -123,3 +126,29 @@ def test_the_sdk_does_not_retry_by_itself(service: Service, fake_llm: FakeOpenAI
         assert client.post("/task", json={"prompt": "count calls"}).status_code == 502
     assert fake_llm.calls == 3  # LLM_MAX_ATTEMPTS, not 3 x the SDK's own 2 retries
     assert {r.headers.get("x-stainless-retry-count") for r in fake_llm.requests} <= {"0", None}
+
+
+def test_a_call_leaves_nothing_for_the_cyclic_collector(fake_llm: FakeOpenAI) -> None:
+    """Reference counting must free each call's retry state: a cycle a task made the
+    collector stop a worker for 8 ms every ~550 tasks (bench/README.md)."""
+    provider = OpenAIProvider(
+        api_key=OPENAI_KEY, base_url=fake_llm.base_url, model="gpt-test", max_attempts=3
+    )
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+
+    async def calls(n: int) -> None:
+        for _ in range(n):
+            result = await provider.complete(request, deadline=time.monotonic() + 10)
+            assert result.answer == "fake answer to: hi" and result.attempts == 1
+
+    async def main() -> list[str]:
+        await calls(3)  # first-call imports, the connection pool
+        try:
+            # The client's stack, not the fake upstream serving in a thread of this process.
+            with cyclic_garbage("tenacity", "reasoning_agent", "openai", "aiohttp") as found:
+                await calls(20)
+            return found
+        finally:
+            await provider.aclose()
+
+    assert asyncio.run(main()) == []
