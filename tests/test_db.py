@@ -5,15 +5,32 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reasoning_agent import db, tasks
 from reasoning_agent.schemas import TaskIn
+from tests.support import cyclic_garbage
 
 # Its subject is SQLite's write path: `make test-postgres` deselects it.
 pytestmark = pytest.mark.sqlite_only
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    """A migrated SQLite database of the test's own."""
+    db.migrate(f"sqlite:///{tmp_path / 'tasks.db'}")
+    return tmp_path / "tasks.db"
+
+
+@pytest.fixture
+def blocker(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's connection: BEGIN IMMEDIATE on it holds the write lock."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    yield connection
+    connection.close()
 
 
 async def _store(database: db.Database, prompt: str) -> str:
@@ -30,12 +47,8 @@ async def _store(database: db.Database, prompt: str) -> str:
 
 
 def test_a_write_behind_another_writer_waits_in_a_thread_while_the_loop_runs(
-    tmp_path: Path,
+    path: Path, blocker: sqlite3.Connection
 ) -> None:
-    path = tmp_path / "tasks.db"
-    db.migrate(f"sqlite:///{path}")
-    blocker = sqlite3.connect(path, isolation_level=None)
-
     async def run() -> tuple[float, bool, str]:
         database = db.Database(f"sqlite:///{path}")
         try:
@@ -59,10 +72,28 @@ def test_a_write_behind_another_writer_waits_in_a_thread_while_the_loop_runs(
     ]
 
 
-def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(tmp_path: Path) -> None:
-    path = tmp_path / "tasks.db"
-    db.migrate(f"sqlite:///{path}")
+def test_a_write_that_meets_a_busy_lock_leaves_nothing_for_the_cyclic_collector(
+    path: Path, blocker: sqlite3.Connection
+) -> None:
+    async def run() -> list[str]:
+        database = db.Database(f"sqlite:///{path}")
+        try:
+            await _store(database, "warm")
+            with cyclic_garbage("sqlalchemy", "sqlite3", "reasoning_agent") as found:
+                blocker.execute("BEGIN IMMEDIATE")
+                write = asyncio.create_task(_store(database, "behind a lock"))
+                await asyncio.sleep(0.05)  # every inline try has met the lock by now
+                blocker.execute("COMMIT")
+                await asyncio.wait_for(write, 10)
+            return found
+        finally:
+            await database.aclose()
 
+    assert asyncio.run(run()) == []
+    assert blocker.execute("SELECT count(*) FROM tasks").fetchall() == [(2,)]
+
+
+def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(path: Path) -> None:
     async def run() -> int:
         database = db.Database(f"sqlite:///{path}")
         try:
