@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reasoning_agent import db, tasks
 from reasoning_agent.schemas import TaskIn
-from tests.support import cyclic_garbage
+from tests.support import cyclic_garbage, query, write_lock
 
 # Its subject is SQLite's write path: `make test-postgres` deselects it.
 pytestmark = pytest.mark.sqlite_only
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
+def url(tmp_path: Path) -> str:
     """A migrated SQLite database of the test's own."""
-    db.migrate(f"sqlite:///{tmp_path / 'tasks.db'}")
-    return tmp_path / "tasks.db"
-
-
-@pytest.fixture
-def blocker(path: Path) -> Iterator[sqlite3.Connection]:
-    """Another process's connection: BEGIN IMMEDIATE on it holds the write lock."""
-    connection = sqlite3.connect(path, isolation_level=None)
-    yield connection
-    connection.close()
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    db.migrate(url)
+    return url
 
 
 async def _store(database: db.Database, prompt: str) -> str:
@@ -46,20 +37,17 @@ async def _store(database: db.Database, prompt: str) -> str:
     return task.id
 
 
-def test_a_write_behind_another_writer_waits_in_a_thread_while_the_loop_runs(
-    path: Path, blocker: sqlite3.Connection
-) -> None:
+def test_a_write_behind_another_writer_waits_in_a_thread_while_the_loop_runs(url: str) -> None:
     async def run() -> tuple[float, bool, str]:
-        database = db.Database(f"sqlite:///{path}")
+        database = db.Database(url)
         try:
-            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-            write = asyncio.create_task(_store(database, "behind a lock"))
-            started = time.monotonic()
-            for _ in range(20):
-                await asyncio.sleep(0.01)  # the loop keeps turning while the write waits
-            ticking = time.monotonic() - started
-            waiting = not write.done()
-            blocker.execute("COMMIT")
+            with write_lock(url):  # another process holds the write lock
+                write = asyncio.create_task(_store(database, "behind a lock"))
+                started = time.monotonic()
+                for _ in range(20):
+                    await asyncio.sleep(0.01)  # the loop keeps turning while the write waits
+                ticking = time.monotonic() - started
+                waiting = not write.done()
             return ticking, waiting, await asyncio.wait_for(write, 10)
         finally:
             await database.aclose()
@@ -67,35 +55,34 @@ def test_a_write_behind_another_writer_waits_in_a_thread_while_the_loop_runs(
     ticking, waiting, task_id = asyncio.run(run())
     assert waiting
     assert ticking < 1.0
-    assert blocker.execute("SELECT prompt FROM tasks WHERE id = ?", (task_id,)).fetchall() == [
-        ("behind a lock",)
-    ]
+    assert query(url, f"SELECT prompt FROM tasks WHERE id = '{task_id}'") == [("behind a lock",)]
 
 
 def test_a_write_that_meets_a_busy_lock_leaves_nothing_for_the_cyclic_collector(
-    path: Path, blocker: sqlite3.Connection
+    url: str,
 ) -> None:
     async def run() -> list[str]:
-        database = db.Database(f"sqlite:///{path}")
+        database = db.Database(url)
         try:
             await _store(database, "warm")
             with cyclic_garbage("sqlalchemy", "sqlite3", "reasoning_agent") as found:
-                blocker.execute("BEGIN IMMEDIATE")
-                write = asyncio.create_task(_store(database, "behind a lock"))
-                await asyncio.sleep(0.05)  # every inline try has met the lock by now
-                blocker.execute("COMMIT")
+                with write_lock(url):
+                    write = asyncio.create_task(_store(database, "behind a lock"))
+                    await asyncio.sleep(0.05)  # every inline try has met the lock by now
                 await asyncio.wait_for(write, 10)
             return found
         finally:
             await database.aclose()
 
     assert asyncio.run(run()) == []
-    assert blocker.execute("SELECT count(*) FROM tasks").fetchall() == [(2,)]
+    assert query(url, "SELECT count(*) FROM tasks") == [(2,)]
 
 
-def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(path: Path) -> None:
+def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(url: str) -> None:
+    path = url.removeprefix("sqlite:///")
+
     async def run() -> int:
-        database = db.Database(f"sqlite:///{path}")
+        database = db.Database(url)
         try:
             for i in range(4000):  # ~7 pages each: 110 MB of WAL if nothing checkpointed
                 await _store(database, f"prompt {i}")
@@ -105,5 +92,4 @@ def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(path: Path) -
 
     wal_bytes = asyncio.run(run())
     assert wal_bytes < 40 * 2**20
-    with sqlite3.connect(path) as check:
-        assert check.execute("SELECT count(*) FROM tasks").fetchall() == [(4000,)]
+    assert query(url, "SELECT count(*) FROM tasks") == [(4000,)]
