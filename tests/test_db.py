@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,11 @@ async def _store(database: db.Database, prompt: str) -> str:
     )
     assert created
     return task.id
+
+
+async def _store_many(database: db.Database, n: int) -> None:
+    for i in range(n):
+        await _store(database, f"prompt {i}")
 
 
 def test_a_write_behind_another_writer_waits_in_a_thread_while_the_loop_runs(url: str) -> None:
@@ -84,8 +90,7 @@ def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(url: str) -> 
     async def run() -> int:
         database = db.Database(url)
         try:
-            for i in range(4000):  # ~7 pages each: 110 MB of WAL if nothing checkpointed
-                await _store(database, f"prompt {i}")
+            await _store_many(database, 4000)  # ~7 pages each: 110 MB of WAL, unchecked
             return Path(f"{path}-wal").stat().st_size
         finally:
             await database.aclose()
@@ -93,3 +98,33 @@ def test_the_wal_is_checkpointed_though_the_loop_never_checkpoints(url: str) -> 
     wal_bytes = asyncio.run(run())
     assert wal_bytes < 40 * 2**20
     assert query(url, "SELECT count(*) FROM tasks") == [(4000,)]
+
+
+def test_writes_wait_for_a_checkpoint_that_lags(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk slow to sync: writes stop CHECKPOINT_LAG writes into a running checkpoint
+    rather than let the WAL grow while it runs."""
+    synced = threading.Event()
+    checkpoint = db._SQLiteWrites._run_checkpoint
+
+    def on_a_slow_disk(self: db._SQLiteWrites) -> None:
+        synced.wait(10)
+        checkpoint(self)
+
+    monkeypatch.setattr(db._SQLiteWrites, "_run_checkpoint", on_a_slow_disk)
+    every, lag = db._SQLiteWrites.CHECKPOINT_EVERY, db._SQLiteWrites.CHECKPOINT_LAG
+
+    async def run() -> list[tuple]:
+        database = db.Database(url)
+        try:
+            writes = asyncio.create_task(_store_many(database, every + 2 * lag))
+            await asyncio.wait([writes], timeout=2)  # ample for them all, if none waited
+            stored = query(url, "SELECT count(*) FROM tasks")
+            synced.set()
+            await asyncio.wait_for(writes, 10)
+            return stored
+        finally:
+            synced.set()
+            await database.aclose()
+
+    assert asyncio.run(run()) == [(every + lag,)]
+    assert query(url, "SELECT count(*) FROM tasks") == [(every + 2 * lag,)]

@@ -123,12 +123,16 @@ class _SQLiteWrites:
     it sleeps and tries again, but asleep in asyncio rather than blocking the loop; a lock held
     past the last pause (another process in a long transaction) is waited for in a dedicated
     thread. Checkpoints fsync, so the loop's connection never runs them: every
-    CHECKPOINT_EVERY writes, one runs in the thread.
+    CHECKPOINT_EVERY writes, one runs in the thread. Should one still run CHECKPOINT_LAG writes
+    later (a disk slow to sync), further writes wait for it, asleep in asyncio: else the WAL
+    would grow for as long as the disk stayed slow.
     """
 
     # Each checkpoint copies ~5 WAL pages a write back into the database (~20 MB of WAL
     # between checkpoints) and holds writers back for a moment at its end.
     CHECKPOINT_EVERY = 1000
+    # A checkpoint takes ~15 ms here: 250 writes in that time is 16,000 a second.
+    CHECKPOINT_LAG = 250
     RETRY_PAUSES_S = (0.0005, 0.001, 0.002, 0.004, 0.008)
 
     def __init__(self, url: URL) -> None:
@@ -143,6 +147,7 @@ class _SQLiteWrites:
         self._connection: Connection | None = None  # the loop's, kept open: no pool round trip
         self._writes = 0
         self._checkpoint: Future[None] | None = None
+        self._checkpoint_began = 0  # at which write
 
     @property
     def engines(self) -> list[Engine]:
@@ -152,6 +157,10 @@ class _SQLiteWrites:
         self._writes += 1
         if self._writes % self.CHECKPOINT_EVERY == 0:
             self._checkpoint_soon()
+        elif self._checkpoint_lags():
+            assert self._checkpoint is not None
+            # asyncio.wait: a failed checkpoint is logged, not raised into this write.
+            await asyncio.wait([asyncio.wrap_future(self._checkpoint)])
         changed = self._try_inline(statement, params)
         for pause in self.RETRY_PAUSES_S:
             if changed is not None:
@@ -195,6 +204,14 @@ class _SQLiteWrites:
         if self._checkpoint is None or self._checkpoint.done():
             self._checkpoint = self._thread.submit(self._run_checkpoint)
             self._checkpoint.add_done_callback(_log_checkpoint_failure)
+            self._checkpoint_began = self._writes
+
+    def _checkpoint_lags(self) -> bool:
+        return (
+            self._writes - self._checkpoint_began > self.CHECKPOINT_LAG
+            and self._checkpoint is not None
+            and not self._checkpoint.done()
+        )
 
     def _run_checkpoint(self) -> None:
         with self._waiting.connect() as connection:
