@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.fake_openai import FakeOpenAI
+from tests.inprocess import InProcessApp, running
 from tests.support import (
     ALICE,
     BOB,
@@ -96,5 +97,20 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     drop_database(url)
 
 
-# One service per module, for tests that do not change its settings.
-shared_service = module_service("log", RATE_LIMIT="100000/minute", QUERY_RATE_LIMIT="100000/minute")
+def module_app(**env: str) -> Any:
+    """A module-scoped fixture: the app in this process (tests/inprocess.py), the test defaults
+    plus `env`, for a whole module. Assign it to the fixture's name, as with module_service."""
+
+    @pytest.fixture(scope="module")
+    def fixture(upstream: FakeOpenAI, database_url: str) -> Iterator[InProcessApp]:
+        with running(base_env(upstream, database_url) | env) as app:
+            yield app
+
+    return fixture
+
+
+_GENEROUS = {"RATE_LIMIT": "100000/minute", "QUERY_RATE_LIMIT": "100000/minute"}
+# One service per module, for tests that do not change its settings: a real server, and the
+# same app in this process for tests that need no socket.
+shared_service = module_service("log", **_GENEROUS)
+shared_app = module_app(**_GENEROUS)

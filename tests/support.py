@@ -150,10 +150,19 @@ def need(service: str, host: str, port: int) -> None:
     pytest.skip(f"{message}; start it to run this test")
 
 
+def _xdist_worker() -> int:
+    """Which of pytest-xdist's workers runs this test (0 without xdist)."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name.removeprefix("gw"))
+
+
 def redis_url(db: int = 15) -> str:
-    """A Redis database for tests, emptied first so earlier counters do not leak in."""
+    """A Redis database for tests, emptied first so earlier counters do not leak in; each
+    xdist worker has its own (`db`, `db - 1`, ...), so parallel tests never share one."""
     need("Redis", REDIS_HOST, REDIS_PORT)
     import redis
+
+    db -= _xdist_worker()
 
     client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
     client.flushdb()

@@ -92,6 +92,18 @@ class Settings(BaseSettings):
             self.task_runner == "auto" and self.redis_url is not None
         )
 
+    def secret_values(self) -> list[str]:
+        """Every configured secret string, so logging can redact them wherever they turn up."""
+        from sqlalchemy import make_url
+
+        found = [self.openai_api_key.get_secret_value()] if self.openai_api_key else []
+        for url in (self.database_url, self.redis_url):
+            if url is not None:
+                password = make_url(url.get_secret_value()).password
+                if password:
+                    found.append(str(password))
+        return found
+
     @cached_property
     def rate_limits(self) -> list[limits.RateLimitItem]:
         return limits.parse_many(self.rate_limit)

@@ -1,4 +1,8 @@
-"""One error shape for every failure: `{"error": {"type", "message"}}` with the right status."""
+"""One error shape for every failure: `{"error": {"type", "message"}}` with the right status.
+
+Each ServiceError subclass fixes a status and a type; this module alone decides which status a
+failure gets, LLM failures and stored tasks' errors included.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reasoning_agent.llm.base import LLMError
+from reasoning_agent.tasks.status import ErrorType
 
 __all__ = [
     "BadGateway",
     "BadRequest",
     "Conflict",
+    "ErrorOut",
     "GatewayTimeout",
     "InvalidRequest",
     "NotFound",
@@ -24,8 +33,9 @@ __all__ = [
     "Unauthorized",
     "UriTooLong",
     "error_response",
+    "error_responses",
+    "for_error_type",
     "for_llm_error",
-    "for_type",
     "install_handlers",
 ]
 
@@ -92,33 +102,30 @@ class RateLimited(ServiceError):
 
 
 class BadGateway(ServiceError):
-    status, type = 502, "upstream_error"
+    status, type = 502, ErrorType.UPSTREAM_ERROR
 
 
 class ServiceUnavailable(ServiceError):
-    status, type = 503, "unavailable"
+    status, type = 503, ErrorType.UNAVAILABLE
 
 
 class GatewayTimeout(ServiceError):
-    status, type = 504, "deadline_exceeded"
+    status, type = 504, ErrorType.DEADLINE_EXCEEDED
 
 
-def for_llm_error(exc: Exception) -> type[ServiceError]:
-    """How an LLM failure is answered: 502, 504 or 503."""
-    from reasoning_agent import llm
-
-    mapping: dict[type[Exception], type[ServiceError]] = {
-        llm.UpstreamError: BadGateway,
-        llm.DeadlineExceeded: GatewayTimeout,
-        llm.NotConfigured: ServiceUnavailable,
-    }
-    return mapping.get(type(exc), BadGateway)
+_BY_ERROR_TYPE: dict[str, type[ServiceError]] = {
+    cls.type: cls for cls in (BadGateway, GatewayTimeout, ServiceUnavailable)
+}
 
 
-def for_type(error_type: str | None) -> type[ServiceError]:
-    """The error class of a stored task's error_type, to answer a replay as the first time."""
-    known = {cls.type: cls for cls in (BadGateway, GatewayTimeout, ServiceUnavailable)}
-    return known.get(error_type or "", BadGateway)
+def for_error_type(error_type: str | None) -> type[ServiceError]:
+    """How a task that failed with `error_type` is answered: 502, 504 or 503."""
+    return _BY_ERROR_TYPE.get(error_type or "", BadGateway)
+
+
+def for_llm_error(exc: LLMError) -> type[ServiceError]:
+    """How an LLM failure is answered, by the code its class carries."""
+    return for_error_type(exc.code)
 
 
 def error_response(
@@ -134,6 +141,39 @@ def error_response(
         status_code=status,
         headers=headers,
     )
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    task_id: str | None = None
+    details: list[dict[str, str]] | None = None
+
+
+class ErrorOut(BaseModel):
+    """Every error, whatever its status."""
+
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the errors a route can answer, all in the one error shape."""
+    return {status: {"model": ErrorOut, "description": _REASONS[status]} for status in statuses}
+
+
+_REASONS = {
+    400: "Malformed request (not UTF-8, too many query parameters)",
+    401: "Missing or unknown X-API-Key",
+    404: "No such task for this key",
+    409: "The same Idempotency-Key is still in progress",
+    413: "Body or prompt too large",
+    414: "Query string too long",
+    422: "Invalid input",
+    429: "Rate limit exceeded (see Retry-After)",
+    502: "The LLM upstream failed",
+    503: "Database, rate-limit store or LLM provider unavailable",
+    504: "The LLM deadline passed",
+}
 
 
 async def _service_error(_: Request, exc: Exception) -> JSONResponse:
@@ -170,7 +210,7 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(_: Request, exc: Exception) -> JSONResponse:
-    from reasoning_agent import metrics
+    from reasoning_agent.observability import metrics
 
     metrics.DATABASE_ERRORS.inc()
     log.error("database error: %s", exc.__class__.__name__)

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reasoning_agent import logs
 from reasoning_agent.config import ConfigError, Settings
+from reasoning_agent.observability import logs
 
 __all__ = ["ApiKey", "KeyRing", "fingerprint"]
 

@@ -25,7 +25,7 @@ from limits import RateLimitItem
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from reasoning_agent import metrics
+from reasoning_agent.observability import metrics
 
 __all__ = ["Decision", "LocalLimiter", "RateLimiter", "StoreUnavailable"]
 
@@ -230,9 +230,9 @@ _Call = tuple[list[str], list[str], "asyncio.Future[Any]"]
 
 class _Pipelined:
     """Runs a Lua script for all requests of one event-loop turn in one pipeline: one write
-    and one read for the lot instead of one each (at 16 requests at once, ~10% less CPU per
-    request to the whole service). Each script still runs atomically on its own; the pipeline
-    is not a transaction. Its span joins the trace of the request that opened it."""
+    and one read for the lot instead of one each. Each script still runs atomically on its
+    own; the pipeline is not a transaction. Its span joins the trace of the request that
+    opened it."""
 
     # A batch resolves all at once, so its requests go on in lockstep and the first of them
     # waits for the last; smaller batches let the first ones reach the LLM sooner.

@@ -1,4 +1,5 @@
-"""POST /task, GET /task/{id} and GET /query against a real service, on SQLite and PostgreSQL."""
+"""POST /task, GET /task/{id} and GET /query, in-process over the ASGI interface (a real server
+where the socket matters), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from tests.fake_openai import FakeOpenAI, Step
+from tests.inprocess import InProcessApp
 from tests.support import ALICE, BOB, Service, query, write_lock
 
 
@@ -20,10 +22,10 @@ def unique(text: str) -> str:
 
 
 def test_a_prompt_gets_the_upstream_answer_and_is_stored(
-    shared_service: Service, fake_llm: FakeOpenAI
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
 ) -> None:
     prompt = unique("What is the capital of France?")
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         response = client.post(
             "/task",
             json={
@@ -60,9 +62,9 @@ def test_a_prompt_gets_the_upstream_answer_and_is_stored(
         assert again.json() == task
 
 
-def test_another_key_sees_none_of_the_first_keys_tasks(shared_service: Service) -> None:
+def test_another_key_sees_none_of_the_first_keys_tasks(shared_app: InProcessApp) -> None:
     prompt = unique("private to alice")
-    with shared_service.client(ALICE) as alice, shared_service.client(BOB) as bob:
+    with shared_app.client(ALICE) as alice, shared_app.client(BOB) as bob:
         task = alice.post("/task", json={"prompt": prompt}).json()
         missing = bob.get(f"/task/{task['id']}")
         assert missing.status_code == 404
@@ -74,11 +76,11 @@ def test_another_key_sees_none_of_the_first_keys_tasks(shared_service: Service) 
 
 
 def test_the_same_idempotency_key_returns_the_same_task_without_a_second_call(
-    shared_service: Service, fake_llm: FakeOpenAI
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
 ) -> None:
     body = {"prompt": unique("idempotent")}
     headers = {"Idempotency-Key": uuid.uuid4().hex}
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         first = client.post("/task", json=body, headers=headers)
         second = client.post("/task", json=body, headers=headers)
         assert first.status_code == second.status_code == 200
@@ -90,20 +92,20 @@ def test_the_same_idempotency_key_returns_the_same_task_without_a_second_call(
         assert "Idempotency-Key" in changed.json()["error"]["message"]
         assert fake_llm.calls == 1
 
-    with shared_service.client(BOB) as bob:  # keys are per caller: Bob's is a new task
+    with shared_app.client(BOB) as bob:  # keys are per caller: Bob's is a new task
         other = bob.post("/task", json=body, headers=headers)
         assert other.status_code == 200 and other.json()["id"] != first.json()["id"]
         assert fake_llm.calls == 2
 
 
 def test_the_llm_is_asked_while_the_pending_row_waits_for_the_database(
-    shared_service: Service, fake_llm: FakeOpenAI
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
 ) -> None:
     """The pending write runs beside the LLM call, so it adds nothing to the caller's wait;
     with an Idempotency-Key the key is settled in the database first and the LLM waits."""
-    url = shared_service.env["DATABASE_URL"]
+    url = shared_app.database_url
     plain, keyed = unique("asked at once"), unique("asked once the key is stored")
-    with ThreadPoolExecutor(2) as pool, shared_service.client() as client:
+    with ThreadPoolExecutor(2) as pool, shared_app.client() as client:
         with write_lock(url):
             first = pool.submit(client.post, "/task", json={"prompt": plain})
             second = pool.submit(
@@ -146,10 +148,10 @@ def test_concurrent_requests_with_one_idempotency_key_make_one_task(
 
 
 def test_query_pages_newest_first_and_stays_stable_while_tasks_arrive(
-    shared_service: Service,
+    shared_app: InProcessApp,
 ) -> None:
     tag = uuid.uuid4().hex[:10]
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         created = [
             client.post("/task", json={"prompt": f"page {tag} #{i}"}).json()["id"] for i in range(7)
         ]
@@ -170,9 +172,9 @@ def test_query_pages_newest_first_and_stays_stable_while_tasks_arrive(
         assert len(client.get("/query", params={"q": tag, "limit": 100}).json()["items"]) == 8
 
 
-def test_query_filters_by_status_and_time(shared_service: Service, fake_llm: FakeOpenAI) -> None:
+def test_query_filters_by_status_and_time(shared_app: InProcessApp, fake_llm: FakeOpenAI) -> None:
     tag = uuid.uuid4().hex[:10]
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         ok = client.post("/task", json={"prompt": f"filter {tag}"}).json()
         fake_llm.script(Step(status=400))
         failed = client.post("/task", json={"prompt": f"filter {tag} bad"})
@@ -189,9 +191,9 @@ def test_query_filters_by_status_and_time(shared_service: Service, fake_llm: Fak
         assert [t["id"] for t in before["items"]] == [ok["id"]]
 
 
-def test_query_text_is_matched_literally(shared_service: Service) -> None:
+def test_query_text_is_matched_literally(shared_app: InProcessApp) -> None:
     tag = uuid.uuid4().hex[:10]
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         special = client.post("/task", json={"prompt": f"{tag} 100%_done' OR 1=1 --"}).json()
         client.post(
             "/task", json={"prompt": f"{tag} 100 xdone"}
@@ -205,9 +207,9 @@ def test_query_text_is_matched_literally(shared_service: Service) -> None:
             assert all(q in t["prompt"] or q in (t["answer"] or "") for t in items)
 
 
-def test_non_ascii_text_round_trips(shared_service: Service) -> None:
+def test_non_ascii_text_round_trips(shared_app: InProcessApp) -> None:
     prompt = unique("Ünïcödé 漢字 emoji 🚀 and RTL עברית")
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         task = client.post("/task", json={"prompt": prompt}).json()
         assert task["prompt"] == prompt
         found = client.get("/query", params={"q": "漢字 emoji 🚀"}).json()["items"]
@@ -285,9 +287,9 @@ BAD_INPUTS = [
     ids=[case[0] for case in BAD_INPUTS],
 )
 def test_bad_input_gets_a_clear_json_error(
-    shared_service: Service, method: str, path: str, options: dict, status: int
+    shared_app: InProcessApp, method: str, path: str, options: dict, status: int
 ) -> None:
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         before = client.get("/query", params={"limit": 100}).json()["items"]
         response = client.request(method.upper(), path, **options)
         assert response.status_code == status, response.text
@@ -299,9 +301,9 @@ def test_bad_input_gets_a_clear_json_error(
         assert [t["id"] for t in after] == [t["id"] for t in before]  # nothing stored, nothing lost
 
 
-def test_missing_or_wrong_key_is_refused_before_the_body_is_read(shared_service: Service) -> None:
+def test_missing_or_wrong_key_is_refused_before_the_body_is_read(shared_app: InProcessApp) -> None:
     for key in (None, "wrong-key-0123456789abcdef", "x" * 10_000):
-        with shared_service.client(key) as client:
+        with shared_app.client(key) as client:
             for method, path in (
                 ("POST", "/task"),
                 ("GET", "/query"),
@@ -316,11 +318,11 @@ def test_missing_or_wrong_key_is_refused_before_the_body_is_read(shared_service:
 
 
 def test_a_failed_task_replays_its_error_for_the_same_idempotency_key(
-    shared_service: Service, fake_llm: FakeOpenAI
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
 ) -> None:
     fake_llm.script(Step(status=400))
     headers = {"Idempotency-Key": uuid.uuid4().hex}
-    with shared_service.client() as client:
+    with shared_app.client() as client:
         first = client.post("/task", json={"prompt": "fails once"}, headers=headers)
         second = client.post("/task", json={"prompt": "fails once"}, headers=headers)
     assert first.status_code == second.status_code == 502

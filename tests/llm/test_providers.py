@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from reasoning_agent.agent import ReasoningAgent
 from reasoning_agent.config import ConfigError, Settings
 from reasoning_agent.llm import ENTRY_POINT_GROUP, load_provider, provider_names
+from reasoning_agent.llm.agent import ReasoningAgent
 from tests.support import ALICE
 
 # Its subject is not the database: the PostgreSQL pass skips it.

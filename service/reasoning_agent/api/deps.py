@@ -2,61 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from reasoning_agent import metrics
-from reasoning_agent.agent import ReasoningAgent
-from reasoning_agent.config import Settings
-from reasoning_agent.db import Database
 from reasoning_agent.errors import RateLimited, ServiceUnavailable, Unauthorized
-from reasoning_agent.jobs import Runner
 from reasoning_agent.keys import ApiKey
-from reasoning_agent.ratelimit import Decision, RateLimiter, StoreUnavailable
-from reasoning_agent.telemetry import span
+from reasoning_agent.observability import metrics
+from reasoning_agent.observability.telemetry import span
+from reasoning_agent.ratelimit import Decision, StoreUnavailable
+from reasoning_agent.services import Services
+from reasoning_agent.tasks.service import TaskService
 
 __all__ = [
     "ApiKeyDep",
     "QueryLimitDep",
-    "RunnerDep",
-    "Services",
     "ServicesDep",
-    "SessionDep",
     "TaskLimitDep",
+    "TaskServiceDep",
     "document_api_key",
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What the lifespan builds once per process and every request shares."""
-
-    settings: Settings
-    database: Database
-    limiter: RateLimiter
-    agent: ReasoningAgent
-    runner: Runner
-
-
+# Each reads the lifespan's Services off the app rather than depending on a Services
+# dependency: FastAPI resolves every dependency anew on each request.
 async def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
+async def _task_service(request: Request) -> TaskService:
+    services: Services = request.app.state.services
+    return services.tasks
+
+
 ServicesDep = Annotated[Services, Depends(_services)]
-
-
-async def _runner(services: ServicesDep) -> Runner:
-    return services.runner
-
-
-async def _session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
-    async with services.database.sessions() as session:
-        yield session
+TaskServiceDep = Annotated[TaskService, Depends(_task_service)]
 
 
 def _authenticated(request: Request) -> ApiKey:
@@ -68,18 +49,14 @@ def _authenticated(request: Request) -> ApiKey:
 
 async def _caller(request: Request) -> ApiKey:
     """The caller AuthMiddleware already checked. (The scheme is in OpenAPI through
-    `document_api_key`: a Security dependency here would cost every request ~30 us.)"""
+    `document_api_key` rather than a Security dependency, which would run on every request.)"""
     return _authenticated(request)
 
-
-RunnerDep = Annotated[Runner, Depends(_runner)]
-SessionDep = Annotated[AsyncSession, Depends(_session)]
 
 ApiKeyDep = Annotated[ApiKey, Depends(_caller)]
 
 
-# The limits take what they need from the request rather than from other dependencies:
-# FastAPI resolves each one per request, ~35 us apiece on the busiest route.
+# The limits, too, take what they need from the request rather than from other dependencies.
 async def _task_limit(request: Request, response: Response) -> Decision:
     return await _limit("task", request, response)
 

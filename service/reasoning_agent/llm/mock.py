@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from reasoning_agent.config import Settings
-from reasoning_agent.llm import LLMRequest, LLMResult, attempt_span, record_result
+from reasoning_agent.llm.base import LLMRequest, LLMResult, attempt_span, record_result
 
 __all__ = ["MockProvider", "from_settings"]
 

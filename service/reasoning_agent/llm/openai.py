@@ -20,25 +20,26 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from reasoning_agent import metrics
 from reasoning_agent.config import Settings
-from reasoning_agent.llm import (
+from reasoning_agent.llm.base import (
     DeadlineExceeded,
+    LLMError,
     LLMRequest,
     LLMResult,
+    MalformedAnswer,
+    NoAnswer,
     UpstreamError,
     attempt_span,
     record_result,
 )
-from reasoning_agent.telemetry import inject_headers
+from reasoning_agent.observability import metrics
+from reasoning_agent.observability.telemetry import inject_headers
 
 __all__ = ["OpenAIProvider", "from_settings"]
 
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_AFTER_S = 60.0
-_MALFORMED = "upstream sent a response that is not valid JSON"
-_NO_ANSWER = "upstream returned no answer"
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -90,13 +91,15 @@ def _parse(response: httpx2.Response, *, model: str, attempts: int) -> LLMResult
     try:
         payload = response.json()
     except ValueError:  # not JSON, or not UTF-8
-        raise UpstreamError(message=_MALFORMED, attempts=attempts) from None
+        raise MalformedAnswer(
+            message="upstream sent a response that is not valid JSON", attempts=attempts
+        ) from None
     try:
         answer = payload["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         answer = None
     if not isinstance(answer, str):
-        raise UpstreamError(message=_NO_ANSWER, attempts=attempts)
+        raise NoAnswer(message="upstream returned no answer", attempts=attempts)
     usage = payload.get("usage")
     usage = usage if isinstance(usage, dict) else {}
     named = payload.get("model")
@@ -116,8 +119,8 @@ def _count(value: object) -> int | None:
 def _outcome(exc: BaseException | None) -> str:
     if exc is None:
         return "ok"
-    if isinstance(exc, UpstreamError):
-        return "malformed" if exc.message == _MALFORMED else "no_answer"
+    if isinstance(exc, LLMError):
+        return exc.outcome
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
     if _timed_out(exc):
@@ -149,8 +152,7 @@ class _StopBefore(stop_base):
 
 
 class _Client(openai.AsyncOpenAI):
-    """The SDK's client, working out each endpoint's URL once: the SDK parses and joins it
-    again on every call, ~90 us of the ~320 us it took to build a request (bench/README.md)."""
+    """The SDK's client, working out each endpoint's URL once instead of on every call."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -184,8 +186,7 @@ class OpenAIProvider:
                 api_key=api_key,
                 base_url=base_url,
                 max_retries=0,
-                # The SDK's aiohttp transport: its C HTTP parser takes ~0.3 ms less CPU a call
-                # than the default pure-Python one (bench/README.md).
+                # aiohttp's C parser costs less CPU a call than the default transport.
                 http_client=openai.DefaultAioHttpClient(),
             )
 
@@ -215,9 +216,8 @@ class OpenAIProvider:
                 raise DeadlineExceeded(message=message, attempts=attempts()) from None
             raise UpstreamError(message=message, attempts=attempts()) from None
         finally:
-            # tenacity keeps a call's steps, bound methods of `retrying`, inside `retrying`:
-            # a cycle of ~35 objects a task that only the cyclic collector frees, 8 ms at a
-            # time every ~550 tasks (bench/README.md). Unlinked, they are freed right here.
+            # tenacity keeps the call's steps inside `retrying`: a cycle for the collector
+            # unless it is broken here.
             retrying.iter_state.reset()
 
     async def _attempt(self, request: LLMRequest, number: int, deadline: float) -> LLMResult:
@@ -229,9 +229,8 @@ class OpenAIProvider:
         error: BaseException | None = None
         with attempt_span(self.name, request, number) as current:
             try:
-                # The SDK's generic post: its auth, URL, timeout and error mapping, without
-                # the typed request transform and response models, which cost more CPU than
-                # the rest of a request to this service (see bench/README.md).
+                # The SDK's generic post keeps its auth, URL, timeout and error mapping but
+                # skips the typed request and response models, the costliest part of a call.
                 response = await self._client.post(
                     "/chat/completions",
                     cast_to=httpx2.Response,

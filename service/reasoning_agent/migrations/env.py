@@ -9,8 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from reasoning_agent.db import create_engine
-from reasoning_agent.models import Base
+from reasoning_agent.storage.db import create_engine
+from reasoning_agent.tasks.models import Base
 
 _MIGRATION_LOCK = 74_201_001  # serialises replicas that migrate at once on PostgreSQL
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from reasoning_agent.models import UTCDateTime
+from reasoning_agent.tasks.models import UTCDateTime
 
 revision: str = "0001"
 down_revision: str | None = None

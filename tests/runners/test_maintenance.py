@@ -8,7 +8,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from reasoning_agent import db, retention
+from reasoning_agent.runners import maintenance
+from reasoning_agent.storage import db
 from tests.conftest import StartService
 from tests.support import query
 
@@ -70,7 +71,7 @@ def test_purge_works_in_batches(tmp_path: Path) -> None:
     async def run() -> int | None:
         database = db.Database(url)
         try:
-            return await retention.purge(database, older_than=timedelta(days=7), batch=3)
+            return await maintenance.purge(database, older_than=timedelta(days=7), batch=3)
         finally:
             await database.aclose()
 

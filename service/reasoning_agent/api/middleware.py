@@ -12,7 +12,6 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reasoning_agent import logs, metrics
 from reasoning_agent.errors import (
     BadRequest,
     PayloadTooLarge,
@@ -22,7 +21,8 @@ from reasoning_agent.errors import (
     error_response,
 )
 from reasoning_agent.keys import KeyRing
-from reasoning_agent.telemetry import span
+from reasoning_agent.observability import logs, metrics
+from reasoning_agent.observability.telemetry import span
 
 __all__ = ["AuthMiddleware", "RequestContextMiddleware", "RequestLimitsMiddleware"]
 
@@ -45,6 +45,7 @@ class RequestContextMiddleware:
         given = Headers(scope=scope).get("x-request-id", "")
         rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = logs.request_id.set(rid)
+        timing, timing_token = metrics.request_timing()
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -79,11 +80,10 @@ class RequestContextMiddleware:
             method = scope["method"]
             metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
             metrics.HTTP_REQUEST_SECONDS.labels(method, template).observe(elapsed)
-            state = scope.get("state", {})
-            llm_seconds = state.get("llm_seconds")
-            if llm_seconds is not None:  # what this service added on top of the LLM call
-                metrics.OVERHEAD_SECONDS.labels(template).observe(max(0.0, elapsed - llm_seconds))
-            caller = state.get("api_key")
+            if timing.llm_seconds is not None:  # what this service added on top of the LLM
+                overhead = max(0.0, elapsed - timing.llm_seconds)
+                metrics.OVERHEAD_SECONDS.labels(template).observe(overhead)
+            caller = scope.get("state", {}).get("api_key")
             log.info(
                 "request",
                 extra={
@@ -94,6 +94,7 @@ class RequestContextMiddleware:
                     "key": caller.name if caller else None,
                 },
             )
+            metrics.end_request_timing(timing_token)
             logs.request_id.reset(token)
 
 

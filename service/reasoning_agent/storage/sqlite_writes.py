@@ -1,4 +1,4 @@
-"""The database (SQLite or PostgreSQL): its engine, sessions, fast writes, and migrations."""
+"""Short write transactions on SQLite, committed on the event loop without waiting there."""
 
 from __future__ import annotations
 
@@ -9,30 +9,15 @@ import logging
 import sqlite3
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import URL, Connection, Engine, Executable, event, make_url, text
+from sqlalchemy import URL, Connection, Engine, Executable, event
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    async_sessionmaker,
-    create_async_engine,
-)
+
+__all__ = ["SQLiteWrites", "sqlite_pragmas"]
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "Database",
-    "async_url",
-    "create_engine",
-    "display_url",
-    "migrate",
-    "ping",
-]
 
 _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -43,82 +28,20 @@ _SQLITE_PRAGMAS = (
 )
 
 
-def async_url(url: str) -> URL:
-    """Turn the user's `sqlite://` or `postgresql://` URL into one with an async driver."""
-    parsed = make_url(url.replace("postgres://", "postgresql://", 1))
-    if parsed.get_backend_name() == "sqlite":
-        return parsed.set(drivername="sqlite+aiosqlite")
-    if parsed.get_backend_name() == "postgresql":
-        return parsed.set(drivername="postgresql+asyncpg")
-    raise ValueError(f"unsupported database: {parsed.get_backend_name()}")
-
-
-def display_url(url: str) -> str:
-    """The URL with its password hidden, safe for logs."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def create_engine(url: str, **options: Any) -> AsyncEngine:
-    """An engine; SQLite gets WAL and a busy timeout so several workers can write at once."""
-    target = async_url(url)
-    if target.get_backend_name() != "sqlite":
-        return create_async_engine(target, pool_pre_ping=True, **options)
-    if target.database and target.database != ":memory:":
-        Path(target.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(target, connect_args={"timeout": 30}, **options)
-    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL and a busy timeout on every connection, so several workers can write at once."""
     cursor = dbapi_connection.cursor()
     for pragma in _SQLITE_PRAGMAS:
         cursor.execute(pragma)
     cursor.close()
 
 
-async def ping(engine: AsyncEngine) -> None:
-    """Raise unless the database answers a trivial query."""
-    async with engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
-
-
-class Database:
-    """The engine and its sessions for everything, plus `write()` for the short write
-    transactions every task makes, taken the cheapest way the database allows."""
-
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._sqlite = (
-            _SQLiteWrites(self.engine.url) if self.engine.dialect.name == "sqlite" else None
-        )
-
-    @property
-    def engines(self) -> list[Engine]:
-        """Every sync engine underneath, for instrumentation."""
-        return [self.engine.sync_engine, *(self._sqlite.engines if self._sqlite else [])]
-
-    async def write(self, statement: Executable, params: dict[str, Any]) -> int:
-        """Run one statement in its own transaction and commit; the number of rows it matched."""
-        if self._sqlite is not None:
-            return await self._sqlite.write(statement, params)
-        async with self.engine.begin() as connection:
-            result = await connection.execute(statement, params)
-        return int(result.rowcount)
-
-    async def aclose(self) -> None:
-        if self._sqlite is not None:
-            self._sqlite.close()
-        await self.engine.dispose()
-
-
-class _SQLiteWrites:
+class SQLiteWrites:
     """Short write transactions on SQLite without aiosqlite's two thread hand-offs per DBAPI
-    call (they cost more CPU than the SQL itself).
+    call, which cost more CPU than the SQL itself.
 
     A write runs right here on the event loop with busy_timeout=0: it takes the write lock at
-    once and commits in tens of microseconds (WAL with synchronous=NORMAL does not fsync), or
+    once and commits without an fsync (WAL with synchronous=NORMAL), or
     it fails with SQLITE_BUSY having changed nothing. Then, as SQLite's own busy handler would,
     it sleeps and tries again, but asleep in asyncio rather than blocking the loop; a lock held
     past the last pause (another process in a long transaction) is waited for in a dedicated
@@ -128,10 +51,9 @@ class _SQLiteWrites:
     would grow for as long as the disk stayed slow.
     """
 
-    # Each checkpoint copies ~5 WAL pages a write back into the database (~20 MB of WAL
-    # between checkpoints) and holds writers back for a moment at its end.
+    # Rarer checkpoints copy more at once; each holds writers back for a moment at its end.
     CHECKPOINT_EVERY = 1000
-    # A checkpoint takes ~15 ms here: 250 writes in that time is 16,000 a second.
+    # Far more writes than a healthy disk lets through while one checkpoint syncs.
     CHECKPOINT_LAG = 250
     RETRY_PAUSES_S = (0.0005, 0.001, 0.002, 0.004, 0.008)
 
@@ -139,10 +61,10 @@ class _SQLiteWrites:
         url = url.set(drivername="sqlite+pysqlite")
         args = {"check_same_thread": False}
         self._inline = sqlalchemy.create_engine(url, connect_args={**args, "timeout": 0})
-        event.listen(self._inline, "connect", _sqlite_pragmas)
+        event.listen(self._inline, "connect", sqlite_pragmas)
         event.listen(self._inline, "connect", _never_wait_never_checkpoint)
         self._waiting = sqlalchemy.create_engine(url, connect_args={**args, "timeout": 30})
-        event.listen(self._waiting, "connect", _sqlite_pragmas)
+        event.listen(self._waiting, "connect", sqlite_pragmas)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._connection: Connection | None = None  # the loop's, kept open: no pool round trip
         self._writes = 0
@@ -184,9 +106,8 @@ class _SQLiteWrites:
         except OperationalError as exc:
             self._connection.rollback()
             if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
-                # SQLAlchemy's frames on the traceback hold the error that holds them: a
-                # cycle only the collector would free, for each of the ~1 in 10 writes that
-                # meet a busy lock when two workers write at once (bench/README.md).
+                # The traceback's frames and the error hold each other: a cycle for the
+                # collector, made whenever two workers write at once, unless cleared.
                 traceback.clear_frames(exc.__traceback__)
                 return None
             raise
@@ -215,12 +136,10 @@ class _SQLiteWrites:
 
     def _run_checkpoint(self) -> None:
         with self._waiting.connect() as connection:
-            # First PASSIVE: it copies the WAL into the database and fsyncs while writers go
-            # on. Then RESTART, which holds writers back but has only the last few frames left
-            # to copy (~0.1 ms); without it a steady stream of writes never lets the WAL start
-            # over. Not TRUNCATE: cutting a 20 MB file held writers back for 5-10 ms, the
-            # slowest 1% of requests; the file is reused instead, and journal_size_limit
-            # trims it if a burst made it larger. It gives up after 200 ms behind another
+            # PASSIVE copies the WAL and fsyncs while writers go on; RESTART, with only the
+            # last frames left to copy, then lets the WAL start over, which a steady stream of
+            # writes never would. Not TRUNCATE: cutting the file holds writers back longer,
+            # and journal_size_limit trims it anyway. RESTART gives up behind another
             # process's long transaction.
             connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
             connection.exec_driver_sql("PRAGMA busy_timeout=200")
@@ -247,11 +166,3 @@ def _log_checkpoint_failure(done: Future[None]) -> None:
 def _never_wait_never_checkpoint(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.execute("PRAGMA busy_timeout=0")
     dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
-
-
-def migrate(url: str, revision: str = "head") -> None:
-    """Apply the Alembic migrations shipped in this package (blocking; not from a running loop)."""
-    config = Config()
-    config.set_main_option("script_location", "reasoning_agent:migrations")
-    config.attributes["url"] = url
-    command.upgrade(config, revision)

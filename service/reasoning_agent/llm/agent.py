@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from reasoning_agent.llm import (
+from reasoning_agent.llm.base import (
     DeadlineExceeded,
     LLMError,
     LLMProvider,
@@ -15,7 +15,7 @@ from reasoning_agent.llm import (
     NotConfigured,
     UpstreamError,
 )
-from reasoning_agent.telemetry import span
+from reasoning_agent.observability.telemetry import span
 
 __all__ = ["ReasoningAgent"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar, Token
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,8 +30,12 @@ __all__ = [
     "RATE_LIMIT_STORE_ERRORS",
     "TASKS",
     "TOKENS",
+    "RequestTiming",
+    "end_request_timing",
     "model_label",
+    "note_llm_seconds",
     "render",
+    "request_timing",
 ]
 
 _PREFIX = "reasoning_agent"
@@ -106,3 +111,32 @@ def render() -> bytes:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest()
+
+
+class RequestTiming:
+    """What one request spent waiting for the LLM, for the overhead histogram."""
+
+    __slots__ = ("llm_seconds",)
+
+    def __init__(self) -> None:
+        self.llm_seconds: float | None = None
+
+
+_timing: ContextVar[RequestTiming | None] = ContextVar("request_timing", default=None)
+
+
+def request_timing() -> tuple[RequestTiming, Token[RequestTiming | None]]:
+    """Start timing the current request; reset the token when it ends."""
+    timing = RequestTiming()
+    return timing, _timing.set(timing)
+
+
+def end_request_timing(token: Token[RequestTiming | None]) -> None:
+    _timing.reset(token)
+
+
+def note_llm_seconds(seconds: float) -> None:
+    """The LLM time of the request being served, if this runs inside one."""
+    timing = _timing.get()
+    if timing is not None:
+        timing.llm_seconds = seconds

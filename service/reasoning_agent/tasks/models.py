@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, DateTime, Dialect, Float, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Task", "TaskStatus", "UTCDateTime"]
+from reasoning_agent.tasks.status import ErrorType, TaskStatus
+
+__all__ = ["Base", "Task", "UTCDateTime", "Usage"]
+
+E = TypeVar("E", bound=StrEnum)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -31,17 +37,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class TaskStatus:
-    """The states a task moves through: `pending` while a request waits for its answer;
-    `queued` then `running` in the background; then `completed`, `failed` or `cancelled`."""
+class _Enum(TypeDecorator[E]):
+    """A StrEnum kept as its plain string, handed back as the enum."""
 
-    PENDING = "pending"
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    UNFINISHED = (PENDING, QUEUED, RUNNING)
+    impl = String(64)
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum, self.length = enum, length  # named as the arguments, for the cache key
+
+    def process_bind_param(self, value: E | None, dialect: Dialect) -> str | None:
+        return None if value is None else str(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 class Base(DeclarativeBase):
@@ -57,7 +67,7 @@ class Task(Base):
     owner: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[TaskStatus] = mapped_column(_Enum(TaskStatus, 16))
     prompt: Mapped[str | None] = mapped_column(Text)  # None with STORE_PROMPTS=false
     system: Mapped[str | None] = mapped_column(Text)
     answer: Mapped[str | None] = mapped_column(Text)
@@ -73,7 +83,7 @@ class Task(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float | None] = mapped_column(Float)
-    error_type: Mapped[str | None] = mapped_column(String(64))
+    error_type: Mapped[ErrorType | None] = mapped_column(_Enum(ErrorType, 64))
     error: Mapped[str | None] = mapped_column(Text)
     trace_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -85,3 +95,20 @@ class Task(Base):
         Index("ix_tasks_created", "created_at"),
         Index("ix_tasks_status_created", "status", "created_at"),
     )
+
+    @property
+    def usage(self) -> Usage | None:
+        """The tokens the upstream reported, or None when it reported none."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return Usage(self.prompt_tokens, self.completion_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)

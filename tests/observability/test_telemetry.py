@@ -13,9 +13,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from reasoning_agent import db, telemetry
 from reasoning_agent.app import create_app
 from reasoning_agent.config import Settings
+from reasoning_agent.observability import telemetry
+from reasoning_agent.storage import db
 from tests.fake_openai import FakeOpenAI, Step
 from tests.support import ALICE, OPENAI_KEY, free_port, redis_url
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from reasoning_agent import db, tasks
-from reasoning_agent.schemas import TaskIn
+from reasoning_agent.storage import db
+from reasoning_agent.storage.sqlite_writes import SQLiteWrites
+from reasoning_agent.tasks.repository import TaskRepository
 from tests.support import cyclic_garbage, query, write_lock
+from tests.tasks.factories import new_task
 
 # Its subject is SQLite's write path: `make test-postgres` deselects it.
 pytestmark = pytest.mark.sqlite_only
@@ -26,14 +28,7 @@ def url(tmp_path: Path) -> str:
 
 
 async def _store(database: db.Database, prompt: str) -> str:
-    task, created = await tasks.create_pending(
-        database,
-        owner="alice",
-        body=TaskIn(prompt=prompt),
-        model="m",
-        digest="d",
-        idempotency_key=None,
-    )
+    task, created = await new_task(TaskRepository(database), prompt=prompt)
     assert created
     return task.id
 
@@ -104,14 +99,14 @@ def test_writes_wait_for_a_checkpoint_that_lags(url: str, monkeypatch: pytest.Mo
     """A disk slow to sync: writes stop CHECKPOINT_LAG writes into a running checkpoint
     rather than let the WAL grow while it runs."""
     synced = threading.Event()
-    checkpoint = db._SQLiteWrites._run_checkpoint
+    checkpoint = SQLiteWrites._run_checkpoint
 
-    def on_a_slow_disk(self: db._SQLiteWrites) -> None:
+    def on_a_slow_disk(self: SQLiteWrites) -> None:
         synced.wait(10)
         checkpoint(self)
 
-    monkeypatch.setattr(db._SQLiteWrites, "_run_checkpoint", on_a_slow_disk)
-    every, lag = db._SQLiteWrites.CHECKPOINT_EVERY, db._SQLiteWrites.CHECKPOINT_LAG
+    monkeypatch.setattr(SQLiteWrites, "_run_checkpoint", on_a_slow_disk)
+    every, lag = SQLiteWrites.CHECKPOINT_EVERY, SQLiteWrites.CHECKPOINT_LAG
 
     async def run() -> list[tuple]:
         database = db.Database(url)

@@ -1,4 +1,4 @@
-"""Deleting tasks older than RETENTION_DAYS, in small batches, without holding up requests."""
+"""Upkeep of the tasks table: failing tasks whose process died, and deleting expired ones."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from reasoning_agent import tasks
-from reasoning_agent.db import Database
+from reasoning_agent.runners.arq import MAX_TRIES
+from reasoning_agent.storage.db import Database
+from reasoning_agent.tasks.repository import TaskRepository
 
-__all__ = ["purge", "run_forever"]
+__all__ = ["horizons", "purge", "purge_forever", "sweep", "sweep_forever"]
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,38 @@ _BATCH = 500
 _PAUSE_S = 0.05  # between batches, so requests get the database in between
 
 
+def horizons(deadline_s: float, *, arq: bool) -> dict[str, timedelta]:
+    """How long a `pending` and a `running` task may live before its process must be dead.
+    A request or an in-process job ends by the deadline; an arq job may be handed out again
+    (its claim lasts job_timeout + 10 s) up to MAX_TRIES times."""
+    request = timedelta(seconds=deadline_s + 5)
+    retries = timedelta(seconds=MAX_TRIES * (deadline_s + 5 + 10) + 15)
+    return {"pending_after": request, "running_after": retries if arq else request}
+
+
+async def sweep(repository: TaskRepository, *, deadline_s: float, arq: bool) -> int:
+    """Fail tasks left `pending` or `running` by a process that died; how many."""
+    failed = await repository.fail_interrupted(**horizons(deadline_s, arq=arq))
+    if failed:
+        log.warning("marked interrupted tasks as failed", extra={"failed": failed})
+    return failed
+
+
+async def sweep_forever(repository: TaskRepository, *, deadline_s: float, arq: bool) -> None:
+    """Sweep once a minute, or once a deadline when that is shorter."""
+    while True:
+        await asyncio.sleep(min(60.0, deadline_s))
+        try:
+            await sweep(repository, deadline_s=deadline_s, arq=arq)
+        except Exception as exc:
+            log.error("sweep failed: %s", exc.__class__.__name__)
+
+
 async def purge(database: Database, *, older_than: timedelta, batch: int = _BATCH) -> int | None:
-    """Delete expired tasks batch by batch; None when another process holds the purge."""
+    """Delete tasks older than RETENTION_DAYS batch by batch; None when another process holds
+    the purge."""
     engine = database.engine
+    repository = TaskRepository(database)
     postgres = engine.dialect.name == "postgresql"
     async with engine.connect() as lock:
         if postgres:
@@ -36,8 +66,7 @@ async def purge(database: Database, *, older_than: timedelta, batch: int = _BATC
             cutoff = datetime.now(UTC) - older_than
             deleted = 0
             while True:
-                async with database.sessions() as session:
-                    gone = await tasks.delete_older_than(session, cutoff, batch=batch)
+                gone = await repository.delete_older_than(cutoff, batch=batch)
                 deleted += gone
                 if gone < batch:
                     break
@@ -62,7 +91,7 @@ async def _tidy(engine: AsyncEngine) -> None:
             await connection.execute(text("PRAGMA optimize"))
 
 
-async def run_forever(database: Database, *, days: float, interval_s: float) -> None:
+async def purge_forever(database: Database, *, days: float, interval_s: float) -> None:
     """Purge now (after a short random delay, so workers spread out) and every `interval_s`."""
     await asyncio.sleep(random.uniform(0, min(5.0, interval_s)))
     while True:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from reasoning_agent import logs
+from reasoning_agent.observability import logs
 
 # Its subject is not the database: the PostgreSQL pass skips it.
 pytestmark = pytest.mark.database_agnostic

@@ -1,0 +1,106 @@
+"""The task routes: submit, read, cancel and list; each turns the task service's answer into HTTP."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+
+from reasoning_agent.api.deps import ApiKeyDep, QueryLimitDep, TaskLimitDep, TaskServiceDep
+from reasoning_agent.errors import error_responses
+from reasoning_agent.observability.telemetry import current_trace_id
+from reasoning_agent.tasks.schemas import TaskIn, TaskList, TaskOut
+from reasoning_agent.tasks.service import Verdict
+from reasoning_agent.tasks.status import TaskStatus
+
+__all__ = ["router"]
+
+# Every authenticated route can answer these; each route adds its own.
+router = APIRouter(responses=error_responses(400, 401, 414, 422, 503))
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"),
+]
+
+
+@router.post(
+    "/task",
+    response_model=TaskOut,
+    summary="Answer a prompt and store the task",
+    responses={
+        202: {"model": TaskOut, "description": "Queued (`mode: async` or `Prefer: respond-async`)"},
+        **error_responses(409, 413, 429, 502, 504),
+    },
+)
+async def submit_task(
+    request: Request,
+    body: TaskIn,
+    caller: ApiKeyDep,
+    _: TaskLimitDep,
+    tasks: TaskServiceDep,
+    idempotency_key: IdempotencyKey = None,
+) -> TaskOut | JSONResponse:
+    prefer_async = "respond-async" in request.headers.get("prefer", "")
+    submitted = await tasks.submit(
+        body,
+        owner=caller.name,
+        background=body.mode == "async" or prefer_async,
+        idempotency_key=idempotency_key,
+        trace_id=current_trace_id(request.headers),
+    )
+    if submitted.verdict == Verdict.ACCEPTED:
+        headers = {"Location": f"/task/{submitted.task.id}"}
+        if prefer_async:
+            headers["Preference-Applied"] = "respond-async"
+        return JSONResponse(TaskOut.of(submitted.task).model_dump(mode="json"), 202, headers)
+    return TaskOut.of(submitted.task)
+
+
+@router.get(
+    "/task/{task_id}",
+    response_model=TaskOut,
+    summary="One of the caller's tasks",
+    responses=error_responses(404, 429),
+)
+async def read_task(
+    task_id: str, caller: ApiKeyDep, _: QueryLimitDep, tasks: TaskServiceDep
+) -> TaskOut:
+    return TaskOut.of(await tasks.get(caller.name, task_id))
+
+
+@router.delete(
+    "/task/{task_id}",
+    response_model=TaskOut,
+    summary="Cancel a queued or running background task",
+    responses=error_responses(404, 409, 429),
+)
+async def cancel_task(
+    task_id: str, caller: ApiKeyDep, _: QueryLimitDep, tasks: TaskServiceDep
+) -> TaskOut:
+    return TaskOut.of(await tasks.cancel(caller.name, task_id))
+
+
+@router.get(
+    "/query",
+    response_model=TaskList,
+    summary="The caller's tasks, newest first",
+    responses=error_responses(429),
+)
+async def query_tasks(
+    caller: ApiKeyDep,
+    _: QueryLimitDep,
+    tasks: TaskServiceDep,
+    q: Annotated[str | None, Query(max_length=500, description="text in prompt or answer")] = None,
+    status: TaskStatus | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> TaskList:
+    page = await tasks.query(
+        caller.name, text=q, status=status, since=since, until=until, limit=limit, cursor=cursor
+    )
+    return TaskList(items=[TaskOut.of(t) for t in page.items], next_cursor=page.next_cursor)

@@ -1,0 +1,151 @@
+"""What a provider is: the request it takes, the result or error it gives, the span of a call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+from opentelemetry.trace import Span, SpanKind
+
+from reasoning_agent.config import Settings
+from reasoning_agent.observability.telemetry import capture_content, span
+from reasoning_agent.tasks.status import ErrorType
+
+__all__ = [
+    "DeadlineExceeded",
+    "LLMError",
+    "LLMProvider",
+    "LLMRequest",
+    "LLMResult",
+    "MalformedAnswer",
+    "NoAnswer",
+    "NotConfigured",
+    "ProviderFactory",
+    "UpstreamError",
+    "attempt_span",
+    "record_result",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LLMRequest:
+    """What the agent asks of a provider."""
+
+    messages: list[dict[str, str]]
+    model: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LLMResult:
+    """A provider's answer and what it cost."""
+
+    answer: str
+    model: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    attempts: int
+
+
+@dataclass(kw_only=True)
+class LLMError(Exception):
+    """A call that produced no answer; `attempts` says how many calls were made. The class
+    is the classification: `code` is what the task records, `outcome` what a metric counts."""
+
+    code: ClassVar[ErrorType] = ErrorType.UPSTREAM_ERROR
+    outcome: ClassVar[str] = "error"
+
+    message: str
+    attempts: int = 0
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UpstreamError(LLMError):
+    """The upstream refused, failed, or kept failing until the attempts ran out."""
+
+
+class MalformedAnswer(UpstreamError):
+    """The upstream answered with something that is not JSON."""
+
+    outcome = "malformed"
+
+
+class NoAnswer(UpstreamError):
+    """The upstream answered JSON without an answer in it."""
+
+    outcome = "no_answer"
+
+
+class DeadlineExceeded(LLMError):
+    """The overall deadline (LLM_TIMEOUT_S) passed before an answer came."""
+
+    code = ErrorType.DEADLINE_EXCEEDED
+    outcome = "timeout"
+
+
+class NotConfigured(LLMError):
+    """The provider lacks what it needs (an API key, say), so no call was made."""
+
+    code = ErrorType.UNAVAILABLE
+    outcome = "not_configured"
+
+
+@runtime_checkable
+class LLMProvider(Protocol):
+    """What a plugin implements."""
+
+    name: str
+    default_model: str
+
+    def unconfigured_reason(self) -> str | None:
+        """Why this provider cannot be called now, or None when it can."""
+        ...
+
+    async def complete(self, request: LLMRequest, *, deadline: float) -> LLMResult:
+        """Answer `request` before `deadline` (a `time.monotonic()` value) or raise LLMError."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+ProviderFactory = Callable[[Settings], LLMProvider]
+
+
+@contextmanager
+def attempt_span(provider: str, request: LLMRequest, attempt: int) -> Iterator[Span]:
+    """One span per call to the model, with the OpenTelemetry GenAI attributes."""
+    with span(f"chat {request.model}", kind=SpanKind.CLIENT) as current:
+        if current.is_recording():
+            current.set_attribute("gen_ai.operation.name", "chat")
+            current.set_attribute("gen_ai.provider.name", provider)
+            current.set_attribute("gen_ai.request.model", request.model)
+            current.set_attribute("reasoning_agent.llm.attempt", attempt)
+            if request.temperature is not None:
+                current.set_attribute("gen_ai.request.temperature", request.temperature)
+            if request.max_tokens is not None:
+                current.set_attribute("gen_ai.request.max_tokens", request.max_tokens)
+            if capture_content():
+                current.set_attribute("gen_ai.input.messages", json.dumps(request.messages))
+        yield current
+
+
+def record_result(current: Span, result: LLMResult) -> None:
+    """Put the answer's model and token counts (and text, if captured) on an attempt span."""
+    if not current.is_recording():
+        return
+    current.set_attribute("gen_ai.response.model", result.model)
+    current.set_attribute("reasoning_agent.llm.outcome", "ok")
+    if result.prompt_tokens is not None:
+        current.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
+    if result.completion_tokens is not None:
+        current.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+    if capture_content():
+        current.set_attribute(
+            "gen_ai.output.messages", json.dumps([{"role": "assistant", "content": result.answer}])
+        )

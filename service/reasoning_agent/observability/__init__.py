@@ -1,0 +1,1 @@
+"""What the service tells operators: JSON logs, Prometheus metrics and OpenTelemetry traces."""

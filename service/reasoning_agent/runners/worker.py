@@ -1,0 +1,73 @@
+"""`reasoning-agent worker`: arq workers that take background tasks off Redis until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from typing import Any
+
+from reasoning_agent.config import ConfigError, Settings
+from reasoning_agent.observability import logs, telemetry
+from reasoning_agent.runners import maintenance
+from reasoning_agent.runners.arq import MAX_TRIES, QUEUE
+from reasoning_agent.services import Services, build_services
+from reasoning_agent.tasks.status import TaskStatus
+
+__all__ = ["run", "worker_settings"]
+
+log = logging.getLogger(__name__)
+
+
+def run(settings: Settings) -> None:
+    """Work until SIGTERM."""
+    from arq.worker import Worker
+
+    if settings.redis_url is None:
+        raise ConfigError(
+            "REDIS_URL: the worker takes tasks from Redis; without it, serve runs them"
+        )
+    logs.configure_logging(settings.log_level, secrets=settings.secret_values())
+    telemetry.check_tracing_config()
+    Worker(**worker_settings(settings)).run()
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """arq Worker options: the jobs, the sweep, and the services they share."""
+    from arq import cron, func
+    from arq.connections import RedisSettings
+
+    assert settings.redis_url is not None
+    deadline = settings.llm_timeout_s
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        stack = AsyncExitStack()
+        ctx["stack"] = stack
+        ctx["services"] = services = await stack.enter_async_context(build_services(settings))
+        log.info("worker started", extra={"provider": services.agent.provider.name, "queue": QUEUE})
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        await ctx["stack"].aclose()
+
+    async def run_task(ctx: dict[str, Any], task_id: str) -> None:
+        services: Services = ctx["services"]
+        # `running` too: arq runs a job again only after the worker that had it is gone.
+        await services.tasks.run(task_id, statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING))
+
+    async def sweep(ctx: dict[str, Any]) -> None:
+        """Fail what outlived every retry: nothing stays `running` forever."""
+        services: Services = ctx["services"]
+        await maintenance.sweep(services.tasks.repository, deadline_s=deadline, arq=True)
+
+    return {
+        "functions": [func(run_task, name="run_task", max_tries=MAX_TRIES)],
+        "cron_jobs": [cron(sweep, second={0}, run_at_startup=True)],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url.get_secret_value()),
+        "queue_name": QUEUE,
+        "job_timeout": deadline + 5,  # the agent keeps the deadline; this only catches a hang
+        "max_jobs": settings.worker_concurrency,
+        "allow_abort_jobs": True,
+        "keep_result": 0,
+        "poll_delay": 0.1,
+    }

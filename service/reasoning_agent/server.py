@@ -1,0 +1,207 @@
+"""Serving: migrations and recovery before start, gunicorn with a socket per uvicorn worker,
+the metrics port, and the collector tuned for a long-lived server."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reasoning_agent.config import ConfigError, Settings
+
+__all__ = ["create_served_app", "migrate", "prepare_metrics_dir", "recover", "serve"]
+
+YOUNG_GC_THRESHOLD = 20_000  # allocations between young collections (Python's default: 700)
+
+
+def prepare_metrics_dir() -> None:
+    """One empty metrics directory for all workers. prometheus_client reads the variable when it
+    is first imported, so this runs before any module of ours is."""
+    assert "prometheus_client" not in sys.modules, "prometheus_client was imported too early"
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        Path(metrics_dir).mkdir(parents=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="reasoning-agent-metrics-")
+
+
+def migrate(settings: Settings, *, wait_s: float = 0) -> None:
+    """Apply migrations; with `wait_s`, retry while the database is still coming up."""
+    from reasoning_agent.storage import db
+
+    url = settings.database_url.get_secret_value()
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            db.migrate(url)
+            return
+        except Exception as exc:
+            reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if time.monotonic() >= give_up:
+                raise ConfigError(
+                    f"DATABASE_URL: cannot migrate {db.display_url(url)}: {reason}"
+                ) from None
+            print(f"reasoning-agent: waiting for the database: {reason}", file=sys.stderr)
+            time.sleep(2)
+
+
+def recover(settings: Settings) -> None:
+    """Before serving: tasks left pending by a process that died are failed, never stuck."""
+    from reasoning_agent.runners import maintenance
+    from reasoning_agent.storage.db import Database
+    from reasoning_agent.tasks.repository import TaskRepository
+
+    async def run() -> int:
+        database = Database(settings.database_url.get_secret_value())
+        try:
+            return await maintenance.sweep(
+                TaskRepository(database), deadline_s=settings.llm_timeout_s, arq=settings.uses_arq
+            )
+        finally:
+            await database.aclose()
+
+    try:
+        failed = asyncio.run(run())
+    except Exception as exc:
+        raise ConfigError(f"DATABASE_URL: cannot check for interrupted tasks: {exc}") from None
+    if failed:
+        print(f"reasoning-agent: marked {failed} interrupted task(s) as failed", file=sys.stderr)
+
+
+def serve(settings: Settings, *, reload: bool = False) -> None:
+    """Serve until SIGTERM: gunicorn and its workers, or one reloading uvicorn process."""
+    if reload:
+        _serve_reload(settings)
+    else:
+        _serve_gunicorn(settings)
+
+
+def create_served_app() -> ASGIApp:
+    """The app as a server runs it: the collector is tuned once its lifespan has started."""
+    from reasoning_agent.app import create_app
+
+    return _TuneGCAfterStartup(create_app())
+
+
+class _TuneGCAfterStartup:
+    """Once startup built what lives as long as the process, tune the collector for serving:
+    frozen, a full collection scans only what requests made; with young collections rarer,
+    most of a request's objects are gone before one runs instead of being promoted."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_then_tune(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                gc.collect()
+                gc.freeze()
+                gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+            await send(message)
+
+        await self.app(scope, receive, send_then_tune)
+
+
+def _serve_reload(settings: Settings) -> None:
+    import uvicorn
+
+    from reasoning_agent.observability.logs import logging_config
+
+    uvicorn.run(
+        "reasoning_agent.server:create_served_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        reload=True,
+        reload_dirs=[str(Path(__file__).parent)],
+        log_config=logging_config(settings.log_level),
+        access_log=False,
+    )
+
+
+def _serve_metrics(host: str, port: int) -> None:
+    """The metrics text, without a key, on its own port (for in-cluster scraping)."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once if the port is taken: with a socket per worker, gunicorn itself would only
+    respawn workers that cannot bind, forever."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"PORT: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _serve_gunicorn(settings: Settings) -> None:
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+    from gunicorn.app.base import BaseApplication
+
+    from reasoning_agent.observability.logs import logging_config
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+    def when_ready(_server: Any) -> None:
+        if settings.metrics_port is not None:
+            _serve_metrics(settings.host, settings.metrics_port)
+
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    options: dict[str, Any] = {
+        "bind": f"{host}:{settings.port}",
+        "workers": settings.workers,
+        "worker_class": "uvicorn_worker.UvicornWorker",
+        "graceful_timeout": math.ceil(settings.llm_timeout_s) + 5,
+        "timeout": 30,
+        "keepalive": 5,
+        # A SO_REUSEPORT socket per worker lets the kernel spread new connections evenly; on
+        # one shared socket whichever worker wakes first accepts a whole burst.
+        "reuse_port": True,
+        "accesslog": None,
+        "logconfig_dict": logging_config(settings.log_level),
+        "control_socket_disable": True,
+        "child_exit": child_exit,
+        "when_ready": when_ready,
+        "proc_name": "reasoning-agent",
+    }
+
+    class _Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return create_served_app()
+
+    try:
+        _check_port_free(settings.host, settings.port)
+        _Gunicorn().run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

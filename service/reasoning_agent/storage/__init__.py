@@ -1,0 +1,1 @@
+"""The database underneath the repositories: engines, sessions, fast writes, migrations."""

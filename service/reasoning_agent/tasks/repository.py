@@ -1,0 +1,318 @@
+"""Keeping tasks: every read and write of the tasks table, each in a transaction of its own."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import (
+    Executable,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
+
+from reasoning_agent.llm.base import LLMResult
+from reasoning_agent.storage.db import Database
+from reasoning_agent.tasks.models import Task
+from reasoning_agent.tasks.status import ErrorType, TaskStatus
+
+__all__ = ["InvalidCursor", "Page", "TaskRepository", "sha256"]
+
+
+class InvalidCursor(ValueError):
+    """A cursor that this service did not make."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Task]
+    next_cursor: str | None
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# Built once: making a statement costs more than running it, and these run for every task.
+_TASKS = cast(Table, Task.__table__)
+_INSERT = insert(_TASKS)
+
+
+@functools.cache
+def _update(columns: tuple[str, ...], *, conditional: bool) -> Update:
+    stmt = update(_TASKS).where(_TASKS.c.id == bindparam("task_id"))
+    if conditional:  # a cancellation in between wins
+        stmt = stmt.where(_TASKS.c.status == bindparam("expect"))
+    return stmt.values({name: bindparam(name) for name in columns})
+
+
+class TaskRepository:
+    """The tasks of every owner; a task is only ever read back by the owner that made it."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def create(
+        self,
+        *,
+        owner: str,
+        prompt: str,
+        system: str | None,
+        model: str,
+        temperature: float | None,
+        max_tokens: int | None,
+        metadata: dict[str, str],
+        digest: str,
+        idempotency_key: str | None,
+        trace_id: str | None,
+        store_text: bool,
+        status: TaskStatus,
+    ) -> tuple[Task, bool]:
+        """Store a new task and commit; with a known Idempotency-Key, the earlier task
+        instead. True when the task is new."""
+        if idempotency_key is not None:
+            earlier = await self._by_idempotency_key(owner, idempotency_key)
+            if earlier is not None:
+                return earlier, False
+        values: dict[str, Any] = {
+            "id": uuid.uuid4().hex,
+            "owner": owner,
+            "idempotency_key": idempotency_key,
+            "request_hash": digest,
+            "status": status,
+            "prompt": prompt if store_text else None,
+            "system": system if store_text else None,
+            "prompt_chars": len(prompt),
+            "prompt_sha256": sha256(prompt),
+            "model": model,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "metadata": metadata,
+            "attempts": 0,
+            "trace_id": trace_id,
+            "created_at": datetime.now(UTC),
+        }
+        try:
+            await self._database.write(_INSERT, values)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            earlier = await self._by_idempotency_key(owner, idempotency_key)
+            if earlier is None:
+                raise
+            return earlier, False
+        values["metadata_"] = values.pop("metadata")
+        return Task(**values), True
+
+    async def complete(
+        self,
+        task: Task,
+        result: LLMResult,
+        *,
+        latency_ms: float,
+        store_text: bool,
+        expect: TaskStatus | None = None,
+    ) -> bool:
+        """Record the answer; with `expect`, only if the task is still in that status."""
+        values = {
+            "status": TaskStatus.COMPLETED,
+            "answer": result.answer if store_text else None,
+            "answer_chars": len(result.answer),
+            "answer_sha256": sha256(result.answer),
+            "model": result.model,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "attempts": result.attempts,
+            "latency_ms": latency_ms,
+            "completed_at": datetime.now(UTC),
+        }
+        return await self._finish(task, values, expect)
+
+    async def fail(
+        self,
+        task: Task,
+        *,
+        error_type: ErrorType,
+        message: str,
+        attempts: int,
+        latency_ms: float,
+        expect: TaskStatus | None = None,
+    ) -> bool:
+        """Record why there is no answer; with `expect`, only if the task is still in that
+        status."""
+        values = {
+            "status": TaskStatus.FAILED,
+            "error_type": error_type,
+            "error": message,
+            "attempts": attempts,
+            "latency_ms": latency_ms,
+            "completed_at": datetime.now(UTC),
+        }
+        return await self._finish(task, values, expect)
+
+    async def _finish(self, task: Task, values: dict[str, Any], expect: TaskStatus | None) -> bool:
+        params = {**values, "task_id": task.id}
+        if expect is not None:
+            params["expect"] = expect
+        statement = _update(tuple(values), conditional=expect is not None)
+        changed = await self._database.write(statement, params)
+        if changed:
+            for name, value in values.items():
+                set_committed_value(task, name, value)
+        return bool(changed)
+
+    async def claim(self, task_id: str, *, statuses: tuple[TaskStatus, ...]) -> Task | None:
+        """Move a task to `running` if it is in one of `statuses`; None if someone else has it."""
+        async with self._database.sessions() as session:
+            result = await session.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.status.in_(statuses))
+                .values(status=TaskStatus.RUNNING)
+            )
+            await session.commit()
+            if not _rowcount(result):
+                return None
+            return await session.get(Task, task_id, populate_existing=True)
+
+    async def cancel(self, owner: str, task_id: str) -> bool:
+        """Cancel the owner's task if it is queued or running; False if it had already ended."""
+        changed = await self._commit_rows(
+            update(Task)
+            .where(
+                Task.id == task_id,
+                Task.owner == owner,
+                Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING)),
+            )
+            .values(
+                status=TaskStatus.CANCELLED,
+                error_type=ErrorType.CANCELLED,
+                error="cancelled by the caller",
+                completed_at=datetime.now(UTC),
+            )
+        )
+        return bool(changed)
+
+    async def fail_interrupted(self, *, pending_after: timedelta, running_after: timedelta) -> int:
+        """Fail tasks unfinished for longer than any live process could take: theirs is gone."""
+        now = datetime.now(UTC)
+        return await self._commit_rows(
+            update(Task)
+            .where(
+                or_(
+                    and_(Task.status == TaskStatus.PENDING, Task.created_at < now - pending_after),
+                    and_(Task.status == TaskStatus.RUNNING, Task.created_at < now - running_after),
+                )
+            )
+            .values(
+                status=TaskStatus.FAILED,
+                error_type=ErrorType.INTERRUPTED,
+                error="interrupted: the service stopped before the answer came",
+                completed_at=now,
+            )
+        )
+
+    async def delete_older_than(self, cutoff: datetime, *, batch: int) -> int:
+        """Delete up to `batch` tasks created before `cutoff`; how many went."""
+        ids = select(Task.id).where(Task.created_at < cutoff).limit(batch).scalar_subquery()
+        return await self._commit_rows(delete(Task).where(Task.id.in_(ids)))
+
+    async def get(self, owner: str, task_id: str) -> Task | None:
+        """The task, only if it belongs to `owner`."""
+        async with self._database.sessions() as session:
+            task = await session.get(Task, task_id)
+        return task if task is not None and task.owner == owner else None
+
+    async def unfinished_ids(self, *, statuses: tuple[TaskStatus, ...]) -> list[str]:
+        stmt = select(Task.id).where(Task.status.in_(statuses)).order_by(Task.created_at)
+        async with self._database.sessions() as session:
+            return list((await session.scalars(stmt)).all())
+
+    async def query(
+        self,
+        owner: str,
+        *,
+        text: str | None = None,
+        status: TaskStatus | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> Page:
+        """The owner's tasks, newest first, one page after `cursor`."""
+        stmt = select(Task).where(Task.owner == owner)
+        if status is not None:
+            stmt = stmt.where(Task.status == status)
+        if since is not None:
+            stmt = stmt.where(Task.created_at >= since)
+        if until is not None:
+            stmt = stmt.where(Task.created_at < until)
+        if text:
+            stmt = stmt.where(
+                or_(
+                    Task.prompt.icontains(text, autoescape=True),
+                    Task.answer.icontains(text, autoescape=True),
+                )
+            )
+        if cursor is not None:
+            created_at, task_id = decode_cursor(cursor)
+            stmt = stmt.where(
+                or_(
+                    Task.created_at < created_at,
+                    and_(Task.created_at == created_at, Task.id < task_id),
+                )
+            )
+        stmt = stmt.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
+        async with self._database.sessions() as session:
+            rows = list((await session.scalars(stmt)).all())
+        more = len(rows) > limit
+        items = rows[:limit]
+        return Page(items=items, next_cursor=encode_cursor(items[-1]) if more else None)
+
+    async def _by_idempotency_key(self, owner: str, key: str) -> Task | None:
+        stmt = select(Task).where(Task.owner == owner, Task.idempotency_key == key)
+        async with self._database.sessions() as session:
+            return (await session.scalars(stmt)).first()
+
+    async def _commit_rows(self, statement: Executable) -> int:
+        """Run one UPDATE or DELETE and commit; how many rows it changed."""
+        async with self._database.sessions() as session:
+            result = await session.execute(statement)
+            await session.commit()
+        return _rowcount(result)
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount or 0)
+
+
+def encode_cursor(task: Task) -> str:
+    raw = f"{task.created_at.astimezone(UTC).isoformat()}|{task.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Undo encode_cursor; anything else raises InvalidCursor."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, task_id = raw.split("|")
+        created_at = datetime.fromisoformat(stamp)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor("cursor is not one this service returned") from None
+    if created_at.tzinfo is None or len(task_id) != 32 or not task_id.isalnum():
+        raise InvalidCursor("cursor is not one this service returned")
+    return created_at, task_id

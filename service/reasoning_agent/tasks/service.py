@@ -1,0 +1,339 @@
+"""The life of a task: checked, stored, answered by the agent (now or in the background),
+recorded and counted. Routes and background runners both come through here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy.orm.attributes import set_committed_value
+
+from reasoning_agent.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    for_error_type,
+    for_llm_error,
+)
+from reasoning_agent.llm.agent import ReasoningAgent
+from reasoning_agent.llm.base import LLMError, LLMResult
+from reasoning_agent.observability import metrics
+from reasoning_agent.runners.base import Runner
+from reasoning_agent.tasks.models import Task
+from reasoning_agent.tasks.repository import InvalidCursor, Page, TaskRepository, sha256
+from reasoning_agent.tasks.schemas import TaskIn
+from reasoning_agent.tasks.status import ErrorType, TaskStatus
+
+__all__ = ["Submitted", "TaskService", "Verdict", "request_hash"]
+
+
+class Verdict(StrEnum):
+    """What became of a submission."""
+
+    COMPLETED = "completed"  # answered now
+    ACCEPTED = "accepted"  # stored for the background (or already was, for this key)
+    REPLAYED = "replayed"  # the answer of an earlier request with the same Idempotency-Key
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    task: Task
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """One call to the agent: an answer or the error that says why there is none."""
+
+    result: LLMResult | None
+    error: LLMError | None
+    seconds: float
+
+
+def request_hash(body: TaskIn, model: str) -> str:
+    """A digest of what was asked, so an Idempotency-Key reused for another request is caught."""
+    return sha256(json.dumps({**body.model_dump(), "model": model}, sort_keys=True))
+
+
+class TaskService:
+    """Owns every task from submission to its final status."""
+
+    def __init__(
+        self,
+        *,
+        repository: TaskRepository,
+        agent: ReasoningAgent,
+        runner: Runner,
+        store_text: bool,
+        max_prompt_chars: int,
+    ) -> None:
+        self.repository = repository
+        self.agent = agent
+        self.runner = runner
+        self._store_text = store_text
+        self._max_prompt_chars = max_prompt_chars
+
+    async def submit(
+        self,
+        body: TaskIn,
+        *,
+        owner: str,
+        background: bool,
+        idempotency_key: str | None = None,
+        trace_id: str | None = None,
+    ) -> Submitted:
+        """Answer the prompt now, or store it for the background; a repeated Idempotency-Key
+        gets the first request's task. Raises a ServiceError when there is no answer."""
+        self._check(body, background=background)
+        model = body.model or self.agent.default_model
+        asking = None
+        if not background and idempotency_key is None:
+            # No earlier task to look up, so the LLM is asked first and the pending row is
+            # written while it thinks: the write adds nothing to the caller's wait.
+            asking = asyncio.create_task(self._ask(body, model))
+            await asyncio.sleep(0)  # lets it put the request on the wire
+        digest = request_hash(body, model)
+        try:
+            task, created = await self.repository.create(
+                owner=owner,
+                prompt=body.prompt,
+                system=body.system,
+                model=model,
+                temperature=body.temperature,
+                max_tokens=body.max_tokens,
+                metadata=dict(body.metadata),
+                digest=digest,
+                idempotency_key=idempotency_key,
+                trace_id=trace_id,
+                store_text=self._store_text,
+                status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
+            )
+        except BaseException:
+            if asking is not None:  # not stored: stop the call, the caller gets the error alone
+                asking.cancel()
+            raise
+        if not created:
+            return self._replay(task, digest, background=background)
+        if background:
+            await self._enqueue(task)
+            return Submitted(task, Verdict.ACCEPTED)
+        if asking is None:
+            asking = asyncio.create_task(self._ask(body, model))
+        return await self._answer_now(task, body, asking)
+
+    def _check(self, body: TaskIn, *, background: bool) -> None:
+        if len(body.prompt) > self._max_prompt_chars:
+            raise PayloadTooLarge(f"prompt is longer than {self._max_prompt_chars} characters")
+        if body.system and len(body.system) > self._max_prompt_chars:
+            raise PayloadTooLarge(f"system is longer than {self._max_prompt_chars} characters")
+        reason = self.agent.unconfigured_reason()
+        if reason:
+            raise ServiceUnavailable(f"the LLM provider is not configured: {reason}")
+        if background and not self._store_text:
+            raise InvalidRequest(
+                "background tasks need STORE_PROMPTS=true: the queued prompt is stored"
+            )
+
+    async def _enqueue(self, task: Task) -> None:
+        try:
+            await self.runner.submit(task.id)
+        except Exception as exc:
+            await self.repository.fail(
+                task,
+                error_type=ErrorType.UNAVAILABLE,
+                message="the task queue is unavailable",
+                attempts=0,
+                latency_ms=0,
+                expect=TaskStatus.QUEUED,
+            )
+            raise ServiceUnavailable("the task queue is unavailable") from exc
+
+    async def _answer_now(
+        self, task: Task, body: TaskIn, asking: asyncio.Task[_Outcome]
+    ) -> Submitted:
+        started = time.monotonic()
+        try:
+            outcome = await asking
+            metrics.note_llm_seconds(outcome.seconds)  # for the request's overhead histogram
+            await self._record(task, outcome)
+        except asyncio.CancelledError:
+            await asyncio.shield(
+                self.repository.fail(
+                    task,
+                    error_type=ErrorType.INTERRUPTED,
+                    message="the request was cancelled before the answer came",
+                    attempts=0,
+                    latency_ms=round((time.monotonic() - started) * 1000, 2),
+                )
+            )
+            raise
+        if outcome.error is not None:
+            error = for_llm_error(outcome.error)
+            raise error(str(outcome.error), extra={"task_id": task.id}) from None
+        if not self._store_text:  # the caller still gets its text; the database never had it
+            assert outcome.result is not None
+            for name, value in (
+                ("prompt", body.prompt),
+                ("system", body.system),
+                ("answer", outcome.result.answer),
+            ):
+                set_committed_value(task, name, value)
+        return Submitted(task, Verdict.COMPLETED)
+
+    def _replay(self, task: Task, digest: str, *, background: bool) -> Submitted:
+        """Answer a repeated Idempotency-Key as the first request was answered."""
+        if task.request_hash != digest:
+            raise InvalidRequest("Idempotency-Key was already used with a different request")
+        if background:
+            return Submitted(task, Verdict.ACCEPTED)
+        if task.status == TaskStatus.PENDING:
+            raise Conflict("a request with this Idempotency-Key is still in progress")
+        if task.status == TaskStatus.FAILED:
+            error = for_error_type(task.error_type)
+            raise error(task.error or "the task failed", extra={"task_id": task.id})
+        return Submitted(task, Verdict.REPLAYED)
+
+    async def run(
+        self, task_id: str, *, statuses: tuple[TaskStatus, ...] = (TaskStatus.QUEUED,)
+    ) -> None:
+        """Claim one background task and answer it; one cancelled meanwhile stays cancelled."""
+        task = await self.repository.claim(task_id, statuses=statuses)
+        if task is None:
+            return  # cancelled, finished, or another process has it
+        assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
+        outcome = await self._ask_about(task)
+        await self._record(task, outcome, expect=TaskStatus.RUNNING)
+
+    async def resume(self) -> int:
+        """Hand the runner what a stopped process left queued. (A `running` one may belong to
+        a live sibling worker; the sweep fails it once it is past the deadline.)"""
+        ids = await self.repository.unfinished_ids(statuses=(TaskStatus.QUEUED,))
+        for task_id in ids:
+            await self.runner.submit(task_id)
+        return len(ids)
+
+    async def get(self, owner: str, task_id: str) -> Task:
+        task = await self.repository.get(owner, task_id)
+        if task is None:
+            raise NotFound("no such task")
+        return task
+
+    async def cancel(self, owner: str, task_id: str) -> Task:
+        """Cancel a queued or running background task of `owner`'s."""
+        if not await self.repository.cancel(owner, task_id):
+            task = await self.get(owner, task_id)
+            raise Conflict(
+                f"the task is {task.status}: only queued or running tasks can be cancelled"
+            )
+        await self.runner.cancel(task_id)
+        return await self.get(owner, task_id)
+
+    async def query(
+        self,
+        owner: str,
+        *,
+        text: str | None,
+        status: TaskStatus | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page:
+        """The owner's tasks, newest first; times without an offset are taken as UTC."""
+        if text is not None and "\x00" in text:
+            raise InvalidRequest("q: must not contain NUL characters")
+        try:
+            return await self.repository.query(
+                owner,
+                text=text,
+                status=status,
+                since=_aware(since),
+                until=_aware(until),
+                limit=limit,
+                cursor=cursor,
+            )
+        except InvalidCursor as exc:
+            raise InvalidRequest(f"cursor: {exc}") from None
+
+    async def _ask(self, body: TaskIn, model: str) -> _Outcome:
+        return await self._call(
+            body.prompt,
+            system=body.system,
+            model=model,
+            temperature=body.temperature,
+            max_tokens=body.max_tokens,
+        )
+
+    async def _ask_about(self, task: Task) -> _Outcome:
+        assert task.prompt is not None
+        return await self._call(
+            task.prompt,
+            system=task.system,
+            model=task.model,
+            temperature=task.temperature,
+            max_tokens=task.max_tokens,
+        )
+
+    async def _call(
+        self,
+        prompt: str,
+        *,
+        system: str | None,
+        model: str,
+        temperature: float | None,
+        max_tokens: int | None,
+    ) -> _Outcome:
+        started = time.monotonic()
+        try:
+            result = await self.agent.run(
+                prompt, system=system, model=model, temperature=temperature, max_tokens=max_tokens
+            )
+        except LLMError as exc:
+            return _Outcome(None, exc, time.monotonic() - started)
+        return _Outcome(result, None, time.monotonic() - started)
+
+    async def _record(
+        self, task: Task, outcome: _Outcome, *, expect: TaskStatus | None = None
+    ) -> None:
+        """Store the outcome on the task and count it. With `expect`, a task no longer in that
+        status (cancelled meanwhile) is left as it is."""
+        provider = self.agent.provider.name
+        model, seconds = metrics.model_label(task.model), outcome.seconds
+        latency_ms = round(seconds * 1000, 2)
+        metrics.LLM_SECONDS.labels(provider, model).observe(seconds)
+        if outcome.error is not None:
+            error_type = outcome.error.code
+            metrics.LLM_CALLS.labels(provider, model, error_type).inc()
+            failed = await self.repository.fail(
+                task,
+                error_type=error_type,
+                message=str(outcome.error),
+                attempts=outcome.error.attempts,
+                latency_ms=latency_ms,
+                expect=expect,
+            )
+            if failed:
+                metrics.TASKS.labels(TaskStatus.FAILED).inc()
+            return
+        result = outcome.result
+        assert result is not None
+        metrics.LLM_CALLS.labels(provider, model, "ok").inc()
+        metrics.TOKENS.labels(task.owner, "input").inc(result.prompt_tokens or 0)
+        metrics.TOKENS.labels(task.owner, "output").inc(result.completion_tokens or 0)
+        done = await self.repository.complete(
+            task, result, latency_ms=latency_ms, store_text=self._store_text, expect=expect
+        )
+        if done:
+            metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)

@@ -1,0 +1,31 @@
+"""Tasks stored straight through the repository, for tests that need one in a given state."""
+
+from __future__ import annotations
+
+from reasoning_agent.tasks.models import Task
+from reasoning_agent.tasks.repository import TaskRepository
+from reasoning_agent.tasks.status import TaskStatus
+
+
+async def new_task(
+    repository: TaskRepository,
+    *,
+    prompt: str = "p",
+    status: TaskStatus = TaskStatus.PENDING,
+    key: str | None = None,
+) -> tuple[Task, bool]:
+    """A task of alice's for model `fake-model`; True when it is new."""
+    return await repository.create(
+        owner="alice",
+        prompt=prompt,
+        system=None,
+        model="fake-model",
+        temperature=None,
+        max_tokens=None,
+        metadata={"team": "a"},
+        digest="d",
+        idempotency_key=key,
+        trace_id=None,
+        store_text=True,
+        status=status,
+    )

@@ -1,0 +1,201 @@
+"""The task service in this process, on the real database and the fake upstream: what a
+submission becomes, background runs through the same service, and how failures are classified."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from prometheus_client import REGISTRY
+
+from reasoning_agent.errors import (
+    BadGateway,
+    GatewayTimeout,
+    ServiceUnavailable,
+    for_error_type,
+    for_llm_error,
+)
+from reasoning_agent.llm import (
+    DeadlineExceeded,
+    LLMError,
+    MalformedAnswer,
+    NoAnswer,
+    NotConfigured,
+    UpstreamError,
+)
+from reasoning_agent.tasks.schemas import TaskIn
+from reasoning_agent.tasks.service import TaskService, Verdict
+from reasoning_agent.tasks.status import ErrorType, TaskStatus
+from tests.conftest import base_env
+from tests.fake_openai import FakeOpenAI, Step
+from tests.inprocess import InProcessApp, running
+from tests.support import drop_database, free_port, new_database, query
+from tests.tasks.factories import new_task
+
+
+def tasks_of(app: InProcessApp) -> TaskService:
+    service: TaskService = app.services.tasks
+    return service
+
+
+def test_a_sync_submission_is_completed_and_stored_as_answered(
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
+) -> None:
+    prompt = f"service {uuid.uuid4().hex}"
+    submitted = shared_app.run(
+        lambda: tasks_of(shared_app).submit(TaskIn(prompt=prompt), owner="alice", background=False)
+    )
+    assert submitted.verdict == Verdict.COMPLETED
+    task = submitted.task
+    assert task.status is TaskStatus.COMPLETED and task.answer == f"fake answer to: {prompt}"
+    stored = shared_app.run(lambda: tasks_of(shared_app).get("alice", task.id))
+    assert stored.status is TaskStatus.COMPLETED  # the enum itself, read back from the row
+    assert stored.answer == task.answer and stored.attempts == 1
+
+
+def test_a_repeated_idempotency_key_is_replayed_without_a_second_call(
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
+) -> None:
+    key, body = uuid.uuid4().hex, TaskIn(prompt=f"replay {uuid.uuid4().hex}")
+
+    async def twice() -> list[Verdict]:
+        service = tasks_of(shared_app)
+        first = await service.submit(body, owner="alice", background=False, idempotency_key=key)
+        again = await service.submit(body, owner="alice", background=False, idempotency_key=key)
+        assert again.task.id == first.task.id
+        return [first.verdict, again.verdict]
+
+    assert shared_app.run(twice) == [Verdict.COMPLETED, Verdict.REPLAYED]
+    assert fake_llm.calls == 1
+
+
+def test_a_background_task_is_run_by_the_same_service_and_a_cancelled_one_is_never_asked(
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
+) -> None:
+    service = tasks_of(shared_app)
+    prompt = f"background {uuid.uuid4().hex}"
+    accepted = shared_app.run(
+        lambda: service.submit(TaskIn(prompt=prompt), owner="alice", background=True)
+    )
+    assert accepted.verdict == Verdict.ACCEPTED and accepted.task.status == TaskStatus.QUEUED
+    deadline = time.monotonic() + 10
+    while (task := shared_app.run(lambda: service.get("alice", accepted.task.id))).status in (
+        TaskStatus.QUEUED,
+        TaskStatus.RUNNING,
+    ):
+        assert time.monotonic() < deadline, task.status
+        time.sleep(0.05)
+    assert task.status is TaskStatus.COMPLETED and task.answer == f"fake answer to: {prompt}"
+
+    async def cancelled_then_run() -> TaskStatus:
+        queued, _ = await new_task(
+            service.repository, prompt="never asked", status=TaskStatus.QUEUED
+        )
+        await service.cancel("alice", queued.id)
+        await service.run(queued.id)  # as a runner that took it before the cancellation would
+        return (await service.get("alice", queued.id)).status
+
+    calls = fake_llm.calls
+    assert shared_app.run(cancelled_then_run) is TaskStatus.CANCELLED
+    assert fake_llm.calls == calls
+
+
+def test_a_queue_that_cannot_be_reached_answers_503_and_the_task_is_failed_not_lost(
+    upstream: FakeOpenAI, tmp_path
+) -> None:
+    url = new_database(tmp_path)
+    env = base_env(upstream, url) | {
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        "TASK_RUNNER": "arq",
+        "RATE_LIMIT_ON_STORE_ERROR": "allow",
+    }
+    try:
+        with running(env) as app, app.client() as client:
+            response = client.post("/task", json={"prompt": "queued nowhere", "mode": "async"})
+            assert response.status_code == 503, response.text
+            assert response.json()["error"] == {
+                "type": "unavailable",
+                "message": "the task queue is unavailable",
+            }
+        assert query(url, "SELECT status, error_type FROM tasks") == [("failed", "unavailable")]
+    finally:
+        drop_database(url)
+
+
+def test_store_prompts_false_gives_the_caller_its_text_and_the_database_none(
+    upstream: FakeOpenAI, fake_llm: FakeOpenAI, tmp_path
+) -> None:
+    url = new_database(tmp_path)
+    try:
+        with running(base_env(upstream, url) | {"STORE_PROMPTS": "false"}) as app:
+            submitted = app.run(
+                lambda: tasks_of(app).submit(
+                    TaskIn(prompt="private", system="be terse"), owner="alice", background=False
+                )
+            )
+        assert (submitted.task.prompt, submitted.task.system) == ("private", "be terse")
+        assert submitted.task.answer == "fake answer to: private"
+        assert query(url, "SELECT prompt, system, answer, answer_chars FROM tasks") == [
+            (None, None, None, len("fake answer to: private"))
+        ]
+    finally:
+        drop_database(url)
+
+
+def attempts_counted(outcome: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "reasoning_agent_llm_attempts_total",
+        {"provider": "openai", "model": "fake-model", "outcome": outcome},
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "outcome", "message"),
+    [
+        (b'{"choices": [', "malformed", "upstream sent a response that is not valid JSON"),
+        (b'{"choices": []}', "no_answer", "upstream returned no answer"),
+    ],
+)
+def test_a_hostile_answer_is_counted_by_its_class_and_stored_as_an_upstream_error(
+    shared_app: InProcessApp, fake_llm: FakeOpenAI, raw: bytes, outcome: str, message: str
+) -> None:
+    before = attempts_counted(outcome)
+    fake_llm.script(Step(raw=raw))
+    with shared_app.client() as client:
+        response = client.post("/task", json={"prompt": f"hostile {outcome}"})
+    assert response.status_code == 502
+    assert response.json()["error"]["message"] == message
+    assert attempts_counted(outcome) == before + 1
+    task_id = response.json()["error"]["task_id"]
+    rows = query(shared_app.database_url, f"SELECT error_type FROM tasks WHERE id = '{task_id}'")
+    assert rows == [("upstream_error",)]
+
+
+class PluginTimeout(DeadlineExceeded):
+    """A plugin's own subclass: the class it derives from decides its classification."""
+
+
+@pytest.mark.parametrize(
+    ("error", "answer", "code"),
+    [
+        (UpstreamError(message="x"), BadGateway, ErrorType.UPSTREAM_ERROR),
+        (MalformedAnswer(message="x"), BadGateway, ErrorType.UPSTREAM_ERROR),
+        (NoAnswer(message="x"), BadGateway, ErrorType.UPSTREAM_ERROR),
+        (DeadlineExceeded(message="x"), GatewayTimeout, ErrorType.DEADLINE_EXCEEDED),
+        (PluginTimeout(message="x"), GatewayTimeout, ErrorType.DEADLINE_EXCEEDED),
+        (NotConfigured(message="x"), ServiceUnavailable, ErrorType.UNAVAILABLE),
+    ],
+)
+def test_each_llm_error_class_carries_its_code_and_its_answer(
+    error: LLMError, answer: type, code: ErrorType
+) -> None:
+    assert error.code is code
+    assert for_llm_error(error) is answer
+    assert for_error_type(code) is answer  # a replay of the stored task answers the same
+
+
+def test_a_stored_error_type_the_api_does_not_answer_with_replays_as_a_bad_gateway() -> None:
+    for stored in (ErrorType.INTERRUPTED, ErrorType.CANCELLED, None, "from an older release"):
+        assert for_error_type(stored) is BadGateway

@@ -1,0 +1,61 @@
+"""Server start-up owns the process-wide tuning: building or starting the app changes nothing
+global, and the served app tunes the collector once its lifespan has started."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+
+import pytest
+
+from reasoning_agent import server
+from tests.conftest import base_env
+from tests.fake_openai import FakeOpenAI
+from tests.inprocess import running
+
+# Its subject is not the database: the PostgreSQL pass skips it.
+pytestmark = pytest.mark.database_agnostic
+
+
+def test_starting_the_app_leaves_the_collector_as_it_was(
+    upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with running(base_env(upstream, f"sqlite:///{tmp_path}/tasks.db")) as app:
+        with app.client() as client:
+            assert client.post("/task", json={"prompt": "no tuning"}).status_code == 200
+        assert gc.get_threshold() == thresholds
+        assert gc.get_freeze_count() == frozen
+
+
+def test_the_served_app_tunes_the_collector_after_startup_completes() -> None:
+    thresholds = gc.get_threshold()
+    seen_before_complete: list[tuple[int, int, int]] = []
+
+    async def app(scope: dict, receive, send) -> None:  # an app with only a lifespan
+        assert (await receive())["type"] == "lifespan.startup"
+        seen_before_complete.append(gc.get_threshold())
+        await send({"type": "lifespan.startup.complete"})
+
+    async def start() -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "lifespan.startup"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await server._TuneGCAfterStartup(app)({"type": "lifespan"}, receive, send)
+        return sent
+
+    try:
+        sent = asyncio.run(start())
+        assert sent == [{"type": "lifespan.startup.complete"}]
+        assert seen_before_complete == [thresholds]
+        assert gc.get_threshold()[0] == server.YOUNG_GC_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
