@@ -508,3 +508,77 @@ def test_worker_pods_run_only_where_they_can_share_the_database_and_the_queue() 
 
     off = render(EXTERNAL, sets={"worker.enabled": "false"})
     assert find(off, "ConfigMap", "ra-reasoning-agent")["data"]["TASK_RUNNER"] == "local"
+
+
+POD_WIDE = {
+    "podAnnotations.team": "ml",
+    "podLabels.cost-centre": "cc-42",
+    "nodeSelector.pool": "llm",
+    "tolerations[0].key": "dedicated",
+    "tolerations[0].operator": "Exists",
+    "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    ".nodeSelectorTerms[0].matchExpressions[0].key": "zone",
+    "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    ".nodeSelectorTerms[0].matchExpressions[0].operator": "Exists",
+    "extraEnv[0].name": "HTTPS_PROXY",
+    "extraEnv[0].value": "http://proxy:3128",
+    "extraVolumes[0].name": "ca",
+    "extraVolumes[0].configMap.name": "company-ca",
+    "extraVolumeMounts[0].name": "ca",
+    "extraVolumeMounts[0].mountPath": "/etc/ssl/company",
+}
+
+
+def test_pod_wide_values_reach_the_server_the_worker_and_the_migration_job_alike() -> None:
+    docs = render(EXTERNAL, sets=POD_WIDE)
+    templates = {
+        "server": app_deployment(docs)["spec"]["template"],
+        "worker": find(docs, "Deployment", "ra-reasoning-agent-worker")["spec"]["template"],
+        "migrate": find(docs, "Job")["spec"]["template"],
+    }
+    for component, template in templates.items():
+        metadata, pod = template["metadata"], template["spec"]
+        assert metadata["labels"]["app.kubernetes.io/component"] == component
+        assert metadata["labels"]["cost-centre"] == "cc-42", component
+        assert metadata["annotations"]["team"] == "ml", component
+        assert pod["nodeSelector"] == {"pool": "llm"}, component
+        assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}], component
+        assert "nodeAffinity" in pod["affinity"], component
+        assert {"name": "ca", "configMap": {"name": "company-ca"}} in pod["volumes"], component
+        container = pod["containers"][0]
+        assert env_of(container)["HTTPS_PROXY"]["value"] == "http://proxy:3128", component
+        assert {"name": "ca", "mountPath": "/etc/ssl/company"} in container["volumeMounts"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, component
+    # a hook runs before the chart's ServiceAccount exists: the Job's pod names none
+    assert "serviceAccountName" not in templates["migrate"]["spec"]
+    assert templates["worker"]["spec"]["serviceAccountName"] == "ra-reasoning-agent"
+
+
+def test_every_object_names_its_component_and_selectors_pick_only_their_own() -> None:
+    docs = render(EXTERNAL, sets={"podDisruptionBudget.enabled": "true"})
+    ours = [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/name") != "redis"]
+    server = [d for d in ours if d["kind"] in ("Deployment", "Service", "PodDisruptionBudget")]
+    for doc in server:
+        if doc["metadata"]["name"].endswith("-worker"):
+            assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+            continue
+        assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "server", doc["kind"]
+        selector = doc["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert selector["app.kubernetes.io/component"] == "server", doc["kind"]
+    for doc in ours:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "reasoning-agent"
+    assert find(docs, "Job")["metadata"]["labels"]["app.kubernetes.io/component"] == "migrate"
+
+
+def test_every_impossible_combination_is_refused_in_one_place() -> None:
+    assert "podDisruptionBudget needs an external database" in render_error(
+        DEFAULT, sets={"podDisruptionBudget.enabled": "true"}
+    )
+    templates = CHART / "templates"
+    failing = sorted(
+        path.name
+        for path in [*templates.glob("*.yaml"), *templates.glob("*.tpl")]
+        if "fail " in path.read_text()
+    )
+    assert failing == ["_helpers.tpl"]

@@ -21,16 +21,23 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Labels of every object: (dict "context" $ "component" "server"); the component
+     (server, worker, migrate, test) is left out for objects shared by all of them. */}}
 {{- define "reasoning-agent.labels" -}}
-helm.sh/chart: {{ include "reasoning-agent.chart" . }}
+helm.sh/chart: {{ include "reasoning-agent.chart" .context }}
 {{ include "reasoning-agent.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .context.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .context.Release.Service }}
+app.kubernetes.io/part-of: {{ include "reasoning-agent.name" .context }}
 {{- end }}
 
+{{/* The labels a selector picks pods by: (dict "context" $ "component" "server"). */}}
 {{- define "reasoning-agent.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "reasoning-agent.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "reasoning-agent.name" .context }}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "reasoning-agent.serviceAccountName" -}}
@@ -74,13 +81,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Where the database URL comes from (a secretKeyRef), for the app and the migration Job. */}}
+{{/* Where the database URL comes from (a secretKeyRef): (dict "context" $ "hook" true) for
+     the migration Job, whose hook runs before the release's own Secret exists. */}}
 {{- define "reasoning-agent.databaseUrlRef" -}}
-{{- if .Values.database.existingSecret }}
-name: {{ .Values.database.existingSecret }}
-key: {{ .Values.database.existingSecretKey }}
+{{- $ := .context }}
+{{- if $.Values.database.existingSecret }}
+name: {{ $.Values.database.existingSecret }}
+key: {{ $.Values.database.existingSecretKey }}
 {{- else }}
-name: {{ include "reasoning-agent.fullname" . }}
+name: {{ include "reasoning-agent.fullname" $ }}{{ if .hook }}-migrate{{ end }}
 key: database-url
 {{- end }}
 {{- end }}
@@ -104,6 +113,9 @@ key: database-url
 {{- if and .Values.redis.enabled (or .Values.externalRedis.url .Values.externalRedis.existingSecret) }}
 {{- fail "externalRedis replaces the bundled Redis: set redis.enabled=false with it" }}
 {{- end }}
+{{- if and .Values.podDisruptionBudget.enabled (not (include "reasoning-agent.externalDatabase" .)) }}
+{{- fail "podDisruptionBudget needs an external database (database.url): with SQLite there is one pod" }}
+{{- end }}
 {{- end }}
 
 {{/* The environment the HTTP pods and the worker pods share: secrets, database and Redis. */}}
@@ -119,7 +131,7 @@ key: database-url
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
-      {{- include "reasoning-agent.databaseUrlRef" . | nindent 6 }}
+      {{- include "reasoning-agent.databaseUrlRef" (dict "context" .) | trim | nindent 6 }}
 {{- else }}
 - name: DATABASE_URL
   value: sqlite:////data/reasoning_agent.db
@@ -151,8 +163,107 @@ key: database-url
 {{- if and .Values.worker.enabled (include "reasoning-agent.externalDatabase" .) (include "reasoning-agent.hasRedis" .) }}true{{ end }}
 {{- end }}
 
-{{/* The HTTP pods: the Service, PDB and NetworkPolicy must not pick worker or hook pods. */}}
-{{- define "reasoning-agent.serverSelectorLabels" -}}
-{{ include "reasoning-agent.selectorLabels" . }}
-app.kubernetes.io/component: server
+{{/* The one pod template of every workload (server, worker, migration Job), so the pod-level
+     values (podAnnotations, podLabels, nodeSelector, tolerations, affinity, extraEnv,
+     extraVolumes, extraVolumeMounts, security contexts) reach each pod alike. Takes a dict:
+       context     the root context ($)
+       component   server, worker or migrate (and the container's name, unless containerName)
+       args        the container's arguments (a list)
+       env         the container's own environment (rendered YAML list items)
+       envFrom     true to load the ConfigMap as environment variables
+       container   more container fields (ports, probes), rendered YAML
+       securityContext, resources   the container's (maps)
+       volumeMounts, volumes         more of each (rendered YAML list items)
+       spec        more pod spec fields (restartPolicy, terminationGracePeriodSeconds), rendered YAML
+       tmpSize     the size of the in-memory /tmp
+       hook        true for a Helm hook's pod */}}
+{{- define "reasoning-agent.podTemplate" -}}
+{{- $ := .context -}}
+metadata:
+  annotations:
+    checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") $ | sha256sum }}
+    checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") $ | sha256sum }}
+    {{- with $.Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  labels:
+    {{- include "reasoning-agent.selectorLabels" (dict "context" $ "component" .component) | nindent 4 }}
+    {{- with $.Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- with .spec }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- if not .hook }}{{/* a hook's pod runs before the chart's ServiceAccount exists */}}
+  serviceAccountName: {{ include "reasoning-agent.serviceAccountName" $ }}
+  {{- end }}
+  automountServiceAccountToken: false
+  {{- with $.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $.Values.podSecurityContext | nindent 4 }}
+  containers:
+    - name: {{ .containerName | default .component }}
+      image: {{ include "reasoning-agent.image" $ | quote }}
+      imagePullPolicy: {{ $.Values.image.pullPolicy }}
+      args: {{ toJson .args }}
+      {{- if .envFrom }}
+      envFrom:
+        - configMapRef:
+            name: {{ include "reasoning-agent.fullname" $ }}
+      {{- end }}
+      env:
+        {{- with .env }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with $.Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with .container }}
+      {{- . | nindent 6 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml .securityContext | nindent 8 }}
+      resources:
+        {{- toYaml .resources | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        {{- with .volumeMounts }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with $.Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .tmpSize | default "64Mi" }}
+    {{- with .volumes }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- with $.Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $.Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $.Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $.Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* Longer than LLM_TIMEOUT_S, so requests and jobs in flight can finish after SIGTERM. */}}
+{{- define "reasoning-agent.gracePeriod" -}}
+terminationGracePeriodSeconds: {{ add (int .Values.config.llmTimeoutS) 15 }}
 {{- end }}
