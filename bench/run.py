@@ -20,7 +20,6 @@ import platform
 import re
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -229,7 +229,7 @@ def wrk(
             f"{max(1, round(seconds))}s",  # wrk takes whole seconds only
             "--latency",
             "-s",
-            str(BENCH / "wrk" / script),
+            str(BENCH / "wrk" / script),  # an absolute `script` replaces the whole path
             url,
         ],
         capture_output=True,
@@ -263,16 +263,18 @@ LITELLM_BODY = json.dumps(
 
 
 def script_for(contender: Contender) -> str:
+    """The wrk script for a contender: the committed one, or LiteLLM's written to a temporary
+    file (its body and key differ), never into the tree."""
     if contender.name != "LiteLLM":
         return "post.lua"
-    path = BENCH / "wrk" / "litellm.lua"
+    path = Path(tempfile.gettempdir()) / f"reasoning-agent-bench-litellm-{os.getpid()}.lua"
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{LITELLM_BODY}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {MASTER_KEY}"\n'
     )
-    return "litellm.lua"
+    return str(path)
 
 
 def worker_pids(process: subprocess.Popen[bytes]) -> list[int]:
@@ -309,44 +311,39 @@ def thousand_at_once(contender: Contender, tmp: Path, n: int = 1000) -> dict[str
 
 
 def seed_tasks(db_path: Path, total: int, mine: int) -> None:
-    """Bulk rows straight into SQLite: `mine` for alice, the rest spread over 50 other keys."""
-    with sqlite3.connect(db_path) as db:
-        db.execute("PRAGMA journal_mode=WAL")
+    """Bulk rows through the model's own table: `mine` for alice, the rest spread over 50
+    other keys."""
+    import sqlalchemy
+
+    from reasoning_agent.tasks.models import Task
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{db_path}")
+    table = Task.__table__
+    start = datetime.now(UTC) - timedelta(seconds=total)
+    with engine.begin() as connection:
         rows = []
-        start = time.time() - total
         for i in range(total):
-            owner = "alice" if i % (total // mine) == 0 else f"key{i % 50}"
-            stamp = (
-                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start + i)) + f".{i % 1000000:06d}"
-            )
             rows.append(
-                (
-                    uuid.uuid4().hex,
-                    owner,
-                    "h",
-                    "completed",
-                    f"prompt {i}",
-                    f"answer {i}",
-                    "bench-model",
-                    "{}",
-                    1,
-                    stamp,
-                )
+                {
+                    "id": uuid.uuid4().hex,
+                    "owner": "alice" if i % (total // mine) == 0 else f"key{i % 50}",
+                    "request_hash": "h",
+                    "status": "completed",
+                    "prompt": f"prompt {i}",
+                    "answer": f"answer {i}",
+                    "model": "bench-model",
+                    "metadata": {},
+                    "attempts": 1,
+                    "created_at": start + timedelta(seconds=i, microseconds=i % 1_000_000),
+                }
             )
             if len(rows) == 50_000:
-                db.executemany(
-                    "INSERT INTO tasks (id, owner, request_hash, status, prompt, answer, model, "
-                    "metadata, attempts, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    rows,
-                )
+                connection.execute(sqlalchemy.insert(table), rows)
                 rows.clear()
         if rows:
-            db.executemany(
-                "INSERT INTO tasks (id, owner, request_hash, status, prompt, answer, model, "
-                "metadata, attempts, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
-        db.execute("ANALYZE")
+            connection.execute(sqlalchemy.insert(table), rows)
+        connection.exec_driver_sql("ANALYZE")
+    engine.dispose()
 
 
 async def limiter_decisions(n: int = 5000) -> dict[str, float]:
