@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# Most tests wait on servers, not the CPU: two at once, whole modules each, so a module's
+# service starts once and the image tests' Docker engine runs in one worker.
+PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: install tools run test test-sqlite test-postgres lint migrate manifests dashboard bench clean
 
@@ -61,10 +64,10 @@ dashboard: install
 test: test-sqlite test-postgres
 
 test-sqlite: install tools
-	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 test-postgres: install
-	TEST_DATABASE=postgresql $(PY) -m pytest --ignore=tests/deploy -m "not database_agnostic and not sqlite_only" $(PYTEST_ARGS)
+	TEST_DATABASE=postgresql $(PY) -m pytest $(PARALLEL) --ignore=tests/deploy -m "not database_agnostic and not sqlite_only" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check service tests bench
