@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import JSON, DateTime, Dialect, Float, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm.attributes import set_committed_value
 
 from reasoning_agent.tasks.status import ErrorType, TaskStatus
 
@@ -95,6 +96,12 @@ class Task(Base):
         Index("ix_tasks_created", "created_at"),
         Index("ix_tasks_status_created", "status", "created_at"),
     )
+
+    def show_unstored(self, *, prompt: str, system: str | None, answer: str) -> None:
+        """Put texts that STORE_PROMPTS=false kept out of the database on this object only,
+        for the caller's own answer; nothing marks them to be written."""
+        for name, value in (("prompt", prompt), ("system", system), ("answer", answer)):
+            set_committed_value(self, name, value)
 
     @property
     def usage(self) -> Usage | None:

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy.orm.attributes import set_committed_value
-
 from reasoning_agent.errors import (
     Conflict,
     InvalidRequest,
@@ -178,12 +176,7 @@ class TaskService:
             raise error(str(outcome.error), extra={"task_id": task.id}) from None
         if not self._store_text:  # the caller still gets its text; the database never had it
             assert outcome.result is not None
-            for name, value in (
-                ("prompt", body.prompt),
-                ("system", body.system),
-                ("answer", outcome.result.answer),
-            ):
-                set_committed_value(task, name, value)
+            task.show_unstored(prompt=body.prompt, system=body.system, answer=outcome.result.answer)
         return Submitted(task, Verdict.COMPLETED)
 
     def _replay(self, task: Task, digest: str, *, background: bool) -> Submitted:
