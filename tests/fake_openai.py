@@ -64,6 +64,9 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
+        from tests.support import quiet_uvicorn
+
+        quiet_uvicorn()
         self._release.set()
         self._server.should_exit = True
         self._thread.join(timeout=10)

@@ -4,7 +4,6 @@ clients that reach it through httpx.ASGITransport, with no server and no socket 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -59,9 +58,6 @@ class InProcessApp:
 
     def stop(self) -> None:
         self._stack.close()
-        # The app's logging config raised uvicorn's level for every server in this process,
-        # the tests' own fakes too, whose last lines would go to a closed capture at exit.
-        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
     def run(self, coroutine_function: Any, *args: Any) -> Any:
         """Call an async function on the app's loop, e.g. to reach its services."""

@@ -125,6 +125,15 @@ def cyclic_garbage(*prefixes: str) -> Iterator[list[str]]:
         gc.enable()
 
 
+def quiet_uvicorn() -> None:
+    """Before a uvicorn server of the tests' own stops: an app built in this process set
+    uvicorn's level to INFO with a handler on the stdout pytest had then, which may be closed
+    by the time the server says goodbye (an xdist worker's last module)."""
+    import logging
+
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

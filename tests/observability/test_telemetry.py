@@ -18,7 +18,7 @@ from reasoning_agent.config import Settings
 from reasoning_agent.observability import telemetry
 from reasoning_agent.storage import db
 from tests.fake_openai import FakeOpenAI, Step
-from tests.support import ALICE, OPENAI_KEY, free_port, redis_url
+from tests.support import ALICE, OPENAI_KEY, free_port, quiet_uvicorn, redis_url
 
 EXPORTER = InMemorySpanExporter()
 
@@ -51,6 +51,7 @@ def server(upstream: FakeOpenAI, database_url: str) -> Iterator[str]:
         assert time.monotonic() < deadline, "in-process server did not start"
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
+    quiet_uvicorn()
     uv.should_exit = True
     thread.join(timeout=20)
 
