@@ -12,6 +12,7 @@ from tests.support import ALICE, Service
 CHECKS = ",".join(
     [
         "not_a_server_error",
+        "negative_data_rejection",
         "status_code_conformance",
         "content_type_conformance",
         "response_schema_conformance",

@@ -152,3 +152,26 @@ def test_a_call_leaves_nothing_for_the_cyclic_collector(fake_llm: FakeOpenAI) ->
             await provider.aclose()
 
     assert asyncio.run(main()) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-5", "1e400", "soon"])
+def test_a_retry_after_that_is_no_sane_wait_is_treated_as_absent(
+    fake_llm: FakeOpenAI, value: str
+) -> None:
+    """Not a finite, non-negative number of seconds: backoff instead, never past the deadline."""
+    provider = OpenAIProvider(
+        api_key=OPENAI_KEY, base_url=fake_llm.base_url, model="gpt-test", max_attempts=3
+    )
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+    fake_llm.script(Step(status=429, headers={"Retry-After": value}))
+
+    async def call() -> float:
+        started = time.monotonic()
+        try:
+            result = await provider.complete(request, deadline=started + TIMEOUT_S)
+        finally:
+            await provider.aclose()
+        assert result.answer == "fake answer to: hi" and result.attempts == 2
+        return time.monotonic() - started
+
+    assert asyncio.run(call()) < TIMEOUT_S

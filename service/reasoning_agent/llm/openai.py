@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -50,7 +51,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _retry_after(exc: BaseException | None) -> float | None:
-    """Seconds the upstream asked us to wait, from Retry-After (seconds or HTTP date)."""
+    """Seconds the upstream asked us to wait, from Retry-After (seconds or HTTP date); None
+    for anything else, `nan`, `inf` and negative numbers included."""
     if not isinstance(exc, openai.APIStatusError):
         return None
     value = exc.response.headers.get("retry-after")
@@ -60,10 +62,12 @@ def _retry_after(exc: BaseException | None) -> float | None:
         seconds = float(value)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+            seconds = max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+        except (TypeError, ValueError, OverflowError):
             return None
-    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, _MAX_RETRY_AFTER_S)
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -311,8 +311,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, task_id = raw.split("|")
         created_at = datetime.fromisoformat(stamp)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        if created_at.tzinfo is None:
+            raise ValueError("no offset")
+        created_at = created_at.astimezone(UTC)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise InvalidCursor("cursor is not one this service returned") from None
-    if created_at.tzinfo is None or len(task_id) != 32 or not task_id.isalnum():
+    if len(task_id) != 32 or not task_id.isalnum():
         raise InvalidCursor("cursor is not one this service returned")
     return created_at, task_id

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
 
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.status import TaskStatus
 
-__all__ = ["TaskIn", "TaskList", "TaskOut", "Usage"]
+__all__ = ["Moment", "TaskIn", "TaskList", "TaskOut", "Usage"]
 
 
 def _storable(value: str) -> str:
@@ -34,6 +34,30 @@ NO_NUL = r"^[^\x00]*$"
 Text = Annotated[str, Field(pattern=NO_NUL), AfterValidator(_storable)]
 MetaKey = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_storable)]
 MetaValue = Annotated[str, Field(max_length=1024), AfterValidator(_storable)]
+
+
+def _iso_8601_utc(value: object) -> datetime:
+    """An ISO 8601 date-time (not a Unix time, which pydantic would also take), in UTC;
+    without an offset it is taken as UTC."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("expected an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z") from None
+    else:
+        raise ValueError("expected an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z")
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
+
+
+# A query's time bound: documented as `date-time`, and only that is accepted.
+Moment = Annotated[datetime, PlainValidator(_iso_8601_utc, json_schema_input_type=datetime)]
 
 
 class TaskIn(BaseModel):

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 
 from reasoning_agent.errors import (
@@ -238,7 +238,7 @@ class TaskService:
         limit: int,
         cursor: str | None,
     ) -> Page:
-        """The owner's tasks, newest first; times without an offset are taken as UTC."""
+        """The owner's tasks, newest first."""
         if text is not None and "\x00" in text:
             raise InvalidRequest("q: must not contain NUL characters")
         try:
@@ -246,8 +246,8 @@ class TaskService:
                 owner,
                 text=text,
                 status=status,
-                since=_aware(since),
-                until=_aware(until),
+                since=since,
+                until=until,
                 limit=limit,
                 cursor=cursor,
             )
@@ -324,9 +324,3 @@ class TaskService:
         )
         if done:
             metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)

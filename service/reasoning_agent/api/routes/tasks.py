@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
@@ -11,7 +10,7 @@ from fastapi.responses import JSONResponse
 from reasoning_agent.api.deps import ApiKeyDep, QueryLimitDep, TaskLimitDep, TaskServiceDep
 from reasoning_agent.errors import error_responses
 from reasoning_agent.observability.telemetry import current_trace_id
-from reasoning_agent.tasks.schemas import TaskIn, TaskList, TaskOut
+from reasoning_agent.tasks.schemas import Moment, TaskIn, TaskList, TaskOut
 from reasoning_agent.tasks.service import Verdict
 from reasoning_agent.tasks.status import TaskStatus
 
@@ -95,8 +94,8 @@ async def query_tasks(
     tasks: TaskServiceDep,
     q: Annotated[str | None, Query(max_length=500, description="text in prompt or answer")] = None,
     status: TaskStatus | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Moment | None = None,
+    until: Moment | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> TaskList:
