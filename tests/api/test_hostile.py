@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hmac
+import re
 import socket
 import time
 
 import pytest
 
 from reasoning_agent.keys import KeyRing
-from tests.support import ALICE, BOB, Service
+from tests.inprocess import InProcessApp
+from tests.support import ALICE, BOB, REPO, Service
+
+README = (REPO / "README.md").read_text()
 
 
 def raw_request(service: Service, data: bytes, *, timeout: float = 5) -> bytes:
@@ -148,3 +152,14 @@ def test_every_key_is_compared_whatever_is_presented(monkeypatch: pytest.MonkeyP
         calls = 0
         ring.authenticate(presented)
         assert calls == 4, presented
+
+
+def test_the_query_string_limit_is_where_the_readme_says(shared_app: InProcessApp) -> None:
+    documented = re.search(r"^\| 414 \| a query string over (\d+) KB", README, re.MULTILINE)
+    assert documented, "the README's 414 row"
+    limit = int(documented.group(1)) * 1024
+    with shared_app.client() as client:
+        at_limit = client.get("/query", params={"q": "x" * (limit - len("q="))})
+        past_it = client.get("/query", params={"q": "x" * (limit - len("q=") + 1)})
+    assert at_limit.status_code == 422  # reaches validation: q is capped at 500 characters
+    assert past_it.status_code == 414 and past_it.json()["error"]["type"] == "uri_too_long"
