@@ -76,3 +76,22 @@ def test_a_rotated_keys_file_works_without_a_restart(
         time.sleep(1.5)
         assert carol.get("/query").status_code == 200
     assert "api keys file is empty, keeping previous keys" in service.logs()
+
+
+def test_a_name_given_in_both_sources_is_refused_at_start_and_on_a_re_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two keys of one name would be one tenant: the file's key would read the other's tasks."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"alice:{BOB}\n")
+    with pytest.raises(ConfigError, match="'alice'.*API_KEYS and API_KEYS_FILE"):
+        KeyRing(inline=f"alice:{ALICE}", file=keys_file)
+
+    keys_file.write_text(f"bob:{BOB}\n")
+    ring = KeyRing(inline=f"alice:{ALICE}", file=keys_file)
+    keys_file.write_text(f"alice:{CAROL}\n")  # a rotation that reuses the env key's name
+    time.sleep(1.1)  # past the re-read interval
+    with caplog.at_level("WARNING", logger="reasoning_agent.keys"):
+        assert ring.authenticate(CAROL) is None
+    assert ring.authenticate(BOB) is not None  # the last good keys stay
+    assert "API_KEYS and API_KEYS_FILE" in caplog.text

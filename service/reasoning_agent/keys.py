@@ -107,8 +107,16 @@ class KeyRing:
             raise ConfigError(
                 f"API_KEYS_FILE: cannot read {file}: {exc.__class__.__name__}"
             ) from None
+        from_file = parse_keys(text, source="API_KEYS_FILE")
+        inline_names = {key.name for key in self._inline.values()}
+        for digest, key in from_file.items():
+            if key.name in inline_names and digest not in self._inline:
+                raise ConfigError(
+                    f"API_KEYS_FILE: the name {key.name!r} is in both API_KEYS and "
+                    "API_KEYS_FILE with different keys, which would make them one caller"
+                )
         self._file_stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        return {**self._inline, **parse_keys(text, source="API_KEYS_FILE")}
+        return {**self._inline, **from_file}
 
     def _reload_if_changed(self) -> None:
         if self._file is None or time.monotonic() < self._next_check:
