@@ -123,6 +123,29 @@ def test_a_queue_that_cannot_be_reached_answers_503_and_the_task_is_failed_not_l
         drop_database(url)
 
 
+def test_cancelling_while_the_queue_is_unreachable_answers_with_the_cancelled_task(
+    upstream: FakeOpenAI, tmp_path
+) -> None:
+    """The row is cancelled first; a job that runs later finds it cancelled and stops."""
+    url = new_database(tmp_path)
+    env = base_env(upstream, url) | {
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        "TASK_RUNNER": "arq",
+        "RATE_LIMIT_ON_STORE_ERROR": "allow",
+    }
+    try:
+        with running(env) as app, app.client() as client:
+            queued, _ = app.run(
+                lambda: new_task(tasks_of(app).repository, status=TaskStatus.QUEUED)
+            )
+            response = client.delete(f"/task/{queued.id}")
+            assert response.status_code == 200, response.text
+            assert response.json()["status"] == "cancelled"
+        assert query(url, "SELECT status FROM tasks") == [("cancelled",)]
+    finally:
+        drop_database(url)
+
+
 def test_store_prompts_false_gives_the_caller_its_text_and_the_database_none(
     upstream: FakeOpenAI, fake_llm: FakeOpenAI, tmp_path
 ) -> None:
