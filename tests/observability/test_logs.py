@@ -68,3 +68,22 @@ def test_lines_carry_request_and_trace_ids(captured: logging.Logger) -> None:
     assert inside["span_id"] == format(context.span_id, "016x")
     assert "trace_id" not in outside and "request_id" not in outside
     assert {"time", "level", "logger", "pid", "message"} <= set(inside)
+
+
+@pytest.mark.parametrize(
+    "secret", ['pass"word-1234', "back\\slash-1234", "pässwörd-1234", "tab\there-1234"]
+)
+def test_a_secret_that_json_escapes_is_redacted_as_the_line_shows_it(secret: str) -> None:
+    logs.configure_logging("INFO", secrets=[secret])
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    previous = handler.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        logging.getLogger("tests.logs").warning("connecting with %s", secret)
+        logging.getLogger("tests.logs").warning("extra", extra={"dsn": f"x://u:{secret}@h"})
+    finally:
+        handler.setStream(previous)  # type: ignore[attr-defined]
+    text = stream.getvalue()
+    assert text.count("[REDACTED]") == 2, text
+    for form in (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]):
+        assert form not in text

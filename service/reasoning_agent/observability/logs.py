@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import re
@@ -103,9 +104,16 @@ def logging_config(level: str) -> dict[str, Any]:
 
 
 def redact(secrets: Iterable[str]) -> None:
-    """Add strings that must never reach a log line, whoever logs them."""
+    """Add strings that must never reach a log line, whoever logs them, in every form a JSON
+    line can show them (quotes, backslashes and non-ASCII escaped or not)."""
     global _secrets
-    _secrets = tuple(sorted({*_secrets, *(s for s in secrets if s)}, key=len, reverse=True))
+    forms = set(_secrets)
+    for secret in secrets:
+        if secret:
+            forms.update(
+                (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1])
+            )
+    _secrets = tuple(sorted(forms, key=len, reverse=True))
 
 
 def configure_logging(level: str, *, secrets: Iterable[str] = ()) -> None:
