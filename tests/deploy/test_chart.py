@@ -582,3 +582,18 @@ def test_every_impossible_combination_is_refused_in_one_place() -> None:
         if "fail " in path.read_text()
     )
     assert failing == ["_helpers.tpl"]
+
+
+def test_the_migration_hooks_secret_is_deleted_with_the_hook() -> None:
+    """It holds the database URL and its password; nothing needs it after the migration."""
+    docs = render(EXTERNAL)
+    hook_objects = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    kinds = sorted(
+        d["kind"]
+        for d in hook_objects
+        if "pre-install" in d["metadata"]["annotations"]["helm.sh/hook"]
+    )
+    assert kinds == ["Job", "Secret"]
+    for doc in hook_objects:
+        policy = doc["metadata"]["annotations"].get("helm.sh/hook-delete-policy", "")
+        assert {"before-hook-creation", "hook-succeeded"} <= set(policy.split(",")), doc["kind"]
