@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -163,3 +164,51 @@ def test_arq_cancel_stops_the_running_job(
         assert client.delete(f"/task/{task['id']}").json()["status"] == "cancelled"
         time.sleep(3.5)
         assert client.get(f"/task/{task['id']}").json()["status"] == "cancelled"
+
+
+class _RunsCode:
+    """Unpickled, it runs a shell command: what anyone who can write to Redis could enqueue."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (self.command,))
+
+
+def test_a_pickle_in_redis_is_never_unpickled_by_a_worker_or_a_cancel(
+    start_service: StartService, fake_llm: FakeOpenAI, start_worker: Callable, tmp_path: Path
+) -> None:
+    import pickle
+
+    import redis
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from reasoning_agent.runners.arq import QUEUE
+
+    url = redis_url()
+    service = start_service(REDIS_URL=url, LLM_TIMEOUT_S="5")
+    marker = tmp_path / "ran"
+    with service.client() as client:
+        queued = client.post("/task", json={"prompt": "cancel me", "mode": "async"}).json()
+        # What a cancel reads back from Redis: the job's result, here a pickle that runs code.
+        store = redis.Redis.from_url(url)
+        store.set(f"arq:result:{queued['id']}", pickle.dumps(_RunsCode(f"touch {marker}")))
+        store.close()
+        cancelled = client.delete(f"/task/{queued['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+    async def enqueue_a_pickle() -> None:
+        pool = await create_pool(RedisSettings.from_dsn(url), default_queue_name=QUEUE)
+        try:  # arq's default serializer is pickle
+            await pool.enqueue_job("run_task", _RunsCode(f"touch {marker}"), _job_id="evil")
+        finally:
+            await pool.aclose()
+
+    asyncio.run(enqueue_a_pickle())
+    start_worker(service)
+    with service.client() as client:  # the worker drops the pickle and goes on with real tasks
+        task = client.post("/task", json={"prompt": "after the pickle", "mode": "async"}).json()
+        assert wait_for(client, task["id"], {"completed", "failed"})["status"] == "completed"
+    assert not marker.exists()

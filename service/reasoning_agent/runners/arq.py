@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
-__all__ = ["MAX_TRIES", "QUEUE", "ArqRunner"]
+__all__ = ["CODEC", "MAX_TRIES", "QUEUE", "ArqRunner", "deserialize", "serialize"]
 
 QUEUE = "reasoning-agent:tasks"
 MAX_TRIES = 3  # runs of one background task, when the workers running it die
+
+
+def serialize(data: dict[str, Any]) -> bytes:
+    """Jobs and results as JSON, never pickles: whoever can write to Redis must not be able to
+    run code in the workers or the HTTP pods. A failed job's exception is kept as its repr."""
+    return json.dumps(data, default=repr).encode()
+
+
+def deserialize(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("a job is a JSON object")
+    return data
+
+
+CODEC: dict[str, Any] = {"job_serializer": serialize, "job_deserializer": deserialize}
 
 
 class ArqRunner:
@@ -27,7 +44,7 @@ class ArqRunner:
 
             settings = RedisSettings.from_dsn(self._url)
             settings.conn_retries = 0
-            self._pool = await create_pool(settings, default_queue_name=QUEUE)
+            self._pool = await create_pool(settings, default_queue_name=QUEUE, **CODEC)
         return self._pool
 
     async def submit(self, task_id: str) -> None:
@@ -37,7 +54,7 @@ class ArqRunner:
     async def cancel(self, task_id: str) -> None:
         from arq.jobs import Job
 
-        job = Job(task_id, await self._connected(), _queue_name=QUEUE)
+        job = Job(task_id, await self._connected(), _queue_name=QUEUE, _deserializer=deserialize)
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await job.abort(timeout=0.1, poll_delay=0.05)
 

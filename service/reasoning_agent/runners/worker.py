@@ -9,7 +9,7 @@ from typing import Any
 from reasoning_agent.config import ConfigError, Settings
 from reasoning_agent.observability import logs, telemetry
 from reasoning_agent.runners import maintenance
-from reasoning_agent.runners.arq import MAX_TRIES, QUEUE
+from reasoning_agent.runners.arq import CODEC, MAX_TRIES, QUEUE
 from reasoning_agent.services import Services, build_services
 from reasoning_agent.tasks.status import TaskStatus
 
@@ -49,6 +49,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         await ctx["stack"].aclose()
 
     async def run_task(ctx: dict[str, Any], task_id: str) -> None:
+        if not isinstance(task_id, str):  # a job from Redis is input like any other
+            raise TypeError("run_task takes a task id")
         services: Services = ctx["services"]
         # `running` too: arq runs a job again only after the worker that had it is gone.
         await services.tasks.run(task_id, statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING))
@@ -70,4 +72,5 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "allow_abort_jobs": True,
         "keep_result": 0,
         "poll_delay": 0.1,
+        **CODEC,
     }
