@@ -84,7 +84,7 @@ def test_a_name_given_in_both_sources_is_refused_at_start_and_on_a_re_read(
     """Two keys of one name would be one tenant: the file's key would read the other's tasks."""
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"alice:{BOB}\n")
-    with pytest.raises(ConfigError, match="'alice'.*API_KEYS and API_KEYS_FILE"):
+    with pytest.raises(ConfigError, match=r"'alice'.*API_KEYS and API_KEYS_FILE"):
         KeyRing(inline=f"alice:{ALICE}", file=keys_file)
 
     keys_file.write_text(f"bob:{BOB}\n")

@@ -23,7 +23,7 @@ from reasoning_agent.api.routes import health, tasks
 from reasoning_agent.config import Settings, load_settings
 from reasoning_agent.errors import install_handlers
 from reasoning_agent.keys import KeyRing
-from reasoning_agent.observability import logs, telemetry
+from reasoning_agent.observability import logs, metrics, telemetry
 from reasoning_agent.runners import maintenance
 from reasoning_agent.runners.inprocess import InProcessRunner
 from reasoning_agent.services import Services, build_services
@@ -45,6 +45,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             async with build_services(settings) as services, _upkeep(services):
                 app.state.services = services
+                metrics.initialise(
+                    keys=keyring.names,
+                    provider=services.agent.provider.name,
+                    model=services.agent.default_model,
+                    store_error_mode=settings.rate_limit_on_store_error,
+                )
                 log.info(
                     "service started",
                     extra={

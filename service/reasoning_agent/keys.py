@@ -87,6 +87,11 @@ class KeyRing:
         inline = settings.api_keys.get_secret_value() if settings.api_keys else None
         return cls(inline=inline, file=settings.api_keys_file)
 
+    @property
+    def names(self) -> list[str]:
+        """The callers' names, as tasks and limits know them."""
+        return sorted(key.name for key in self._keys.values())
+
     def authenticate(self, presented: str | None) -> ApiKey | None:
         """The key's owner, or None; every known key is compared so timing tells nothing."""
         if not presented or len(presented) > _MAX_KEY_CHARS:

@@ -142,3 +142,32 @@ def test_openapi_lists_the_endpoints_and_the_key_scheme(start_service: StartServ
             secured = bool(operation.get("security"))
             assert secured == (path not in ("/livez", "/readyz")), f"{method} {path}"
     assert httpx.get(f"{service.base_url}/openapi.json").status_code == 401
+
+
+def test_known_series_are_there_at_zero_before_any_event(start_service: StartService) -> None:
+    """Dashboards and rate() show 0, not "no data", for what has not happened yet."""
+    service = start_service(LLM_PROVIDER="mock")
+    with service.client() as client:
+        text = client.get("/metrics").text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    p = "reasoning_agent_"
+    expected = [
+        (f"{p}rate_limited_total", {"key": "bob", "scope": "task"}),
+        (f"{p}rate_limited_total", {"key": "alice", "scope": "query"}),
+        (f"{p}llm_tokens_total", {"key": "bob", "direction": "output"}),
+        (f"{p}tasks_total", {"status": "failed"}),
+        (
+            f"{p}llm_calls_total",
+            {"provider": "mock", "model": "mock", "outcome": "deadline_exceeded"},
+        ),
+        (f"{p}llm_attempts_total", {"provider": "mock", "model": "mock", "outcome": "ok"}),
+        (f"{p}rate_limit_store_errors_total", {"mode": "local"}),
+        (f"{p}llm_call_duration_seconds_count", {"provider": "mock", "model": "mock"}),
+        (f"{p}overhead_seconds_count", {"route": "/task"}),
+    ]
+    for name, labels in expected:
+        assert samples.get((name, tuple(sorted(labels.items())))) == 0.0, (name, labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from contextvars import ContextVar, Token
 
 from prometheus_client import (
@@ -32,6 +33,7 @@ __all__ = [
     "TOKENS",
     "RequestTiming",
     "end_request_timing",
+    "initialise",
     "model_label",
     "note_llm_seconds",
     "render",
@@ -102,6 +104,25 @@ def model_label(model: str) -> str:
         _models_seen.add(model)
         return model
     return "other"
+
+
+def initialise(*, keys: Iterable[str], provider: str, model: str, store_error_mode: str) -> None:
+    """Start every series whose labels are known at zero, so dashboards and `rate()` show 0
+    rather than no data until the first event."""
+    for key in keys:
+        for scope in ("task", "query"):
+            RATE_LIMITED.labels(key, scope)
+        for direction in ("input", "output"):
+            TOKENS.labels(key, direction)
+    for status in ("completed", "failed"):
+        TASKS.labels(status)
+    model = model_label(model)
+    LLM_SECONDS.labels(provider, model)
+    for outcome in ("ok", "upstream_error", "deadline_exceeded", "unavailable"):
+        LLM_CALLS.labels(provider, model, outcome)
+    LLM_ATTEMPTS.labels(provider, model, "ok")
+    RATE_LIMIT_STORE_ERRORS.labels(store_error_mode)
+    OVERHEAD_SECONDS.labels("/task")
 
 
 def render() -> bytes:
