@@ -40,6 +40,7 @@ def fake_llm(upstream: FakeOpenAI) -> Iterator[FakeOpenAI]:
 def base_env(upstream: FakeOpenAI, database_url: str) -> dict[str, str]:
     return {
         "API_KEYS": f"alice:{ALICE},bob:{BOB}",
+        "ADMIN_KEYS": "alice",  # alice reads /metrics; bob is a plain tenant
         "DATABASE_URL": database_url,
         "LLM_PROVIDER": "openai",
         "OPENAI_API_KEY": OPENAI_KEY,

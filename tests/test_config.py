@@ -50,6 +50,8 @@ def serve(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[st
         ({"API_KEYS": "short"}, "API_KEYS"),
         ({"API_KEYS": f"a:{ALICE},a:{ALICE}x"}, "API_KEYS"),
         ({"API_KEYS": f"bad name:{ALICE}"}, "API_KEYS"),
+        ({"ADMIN_KEYS": "alice,mallory"}, "ADMIN_KEYS"),
+        ({"ADMIN_KEYS": "not a name"}, "ADMIN_KEYS"),
     ],
     ids=lambda v: str(v) if isinstance(v, str) else None,
 )

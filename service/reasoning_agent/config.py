@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,7 @@ class Settings(BaseSettings):
 
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
+    admin_keys: str = ""  # names from API_KEYS whose callers may read /metrics on the main port
     rate_limit: str = "60/minute"
     query_rate_limit: str = "600/minute"
     redis_url: SecretStr | None = None
@@ -59,6 +61,14 @@ class Settings(BaseSettings):
             parsed = []
         if not parsed:
             raise ValueError("expected limits syntax such as 60/minute or 60/minute;1000/day")
+        return value
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _names(cls, value: str) -> str:
+        for name in value.split(","):
+            if name.strip() and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name.strip()):
+                raise ValueError(f"{name.strip()!r} is not a key name ([A-Za-z0-9_.-])")
         return value
 
     @field_validator("log_level", mode="before")
@@ -103,6 +113,10 @@ class Settings(BaseSettings):
                 if password:
                     found.append(str(password))
         return found
+
+    @cached_property
+    def admin_names(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.admin_keys.split(",") if name.strip())
 
     @cached_property
     def rate_limits(self) -> list[limits.RateLimitItem]:

@@ -23,6 +23,7 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "ErrorOut",
+    "Forbidden",
     "GatewayTimeout",
     "InvalidRequest",
     "NotFound",
@@ -79,6 +80,10 @@ class Unauthorized(ServiceError):
 
     def __init__(self, message: str = "a valid X-API-Key header is required") -> None:
         super().__init__(message, headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
+
+
+class Forbidden(ServiceError):
+    status, type = 403, "forbidden"
 
 
 class NotFound(ServiceError):
@@ -164,6 +169,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _REASONS = {
     400: "Malformed request (not UTF-8, too many query parameters)",
     401: "Missing or unknown X-API-Key",
+    403: "The key may not use this endpoint",
     404: "No such task for this key",
     409: "The same Idempotency-Key is still in progress",
     413: "Body or prompt too large",

@@ -37,7 +37,10 @@ class Services:
 def check_settings(settings: Settings) -> None:
     """Fail at start on what the environment alone cannot tell: key files, provider names,
     the tracing exporter, clashing ports."""
-    KeyRing.from_settings(settings)
+    keyring = KeyRing.from_settings(settings)
+    unknown = settings.admin_names - set(keyring.names)
+    if unknown:
+        raise ConfigError(f"ADMIN_KEYS: no API key is named {', '.join(sorted(unknown))}")
     telemetry.check_tracing_config()
     if settings.metrics_port is not None and settings.metrics_port == settings.port:
         raise ConfigError("METRICS_PORT: must differ from PORT")

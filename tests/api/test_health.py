@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartService
 from tests.fake_openai import FakeOpenAI, Step
-from tests.support import free_port, redis_url
+from tests.inprocess import InProcessApp
+from tests.support import ALICE, BOB, free_port, redis_url
 
 
 def test_probes_need_no_key_and_return_no_data(start_service: StartService) -> None:
@@ -171,3 +172,17 @@ def test_known_series_are_there_at_zero_before_any_event(start_service: StartSer
     ]
     for name, labels in expected:
         assert samples.get((name, tuple(sorted(labels.items())))) == 0.0, (name, labels)
+
+
+def test_metrics_on_the_main_port_are_for_admin_keys_only(shared_app: InProcessApp) -> None:
+    """They name every tenant's key and its token counts; ADMIN_KEYS=alice in the tests."""
+    with shared_app.client(BOB) as bob, shared_app.client(ALICE) as alice:
+        refused = bob.get("/metrics")
+        allowed = alice.get("/metrics")
+    assert refused.status_code == 403
+    assert refused.json()["error"] == {
+        "type": "forbidden",
+        "message": "/metrics is for the keys named in ADMIN_KEYS",
+    }
+    assert "reasoning_agent_" not in refused.text
+    assert allowed.status_code == 200 and "reasoning_agent_http_requests_total" in allowed.text

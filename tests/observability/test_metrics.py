@@ -174,7 +174,7 @@ def test_metrics_are_exact_across_two_workers_and_on_the_metrics_port(
         if family.name.startswith("reasoning_agent_"):
             assert f"`{family.name}" in readme, family.name
             labels = {label for s in family.samples for label in s.labels if label != "le"}
-            row = next(line for line in readme.splitlines() if f"`{family.name}" in line)
+            row = next(line for line in readme.splitlines() if line.startswith(f"| `{family.name}"))
             assert all(f"`{label}`" in row for label in labels), (family.name, labels)
     for secret in (ALICE, BOB, OPENAI_KEY):
         assert secret not in text

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from reasoning_agent.api.deps import ApiKeyDep, ServicesDep
-from reasoning_agent.errors import error_responses
+from reasoning_agent.errors import Forbidden, error_responses
 from reasoning_agent.observability import metrics
 from reasoning_agent.storage.db import ping
 
@@ -66,6 +66,14 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics", summary="Prometheus metrics of every worker", response_class=Response)
-async def prometheus_metrics(_: ApiKeyDep) -> Response:
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics of every worker (keys named in ADMIN_KEYS)",
+    response_class=Response,
+    responses=error_responses(403),
+)
+async def prometheus_metrics(caller: ApiKeyDep, services: ServicesDep) -> Response:
+    # Every tenant's key name and token counts are in there: an operator's view only.
+    if caller.name not in services.settings.admin_names:
+        raise Forbidden("/metrics is for the keys named in ADMIN_KEYS")
     return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
