@@ -48,8 +48,9 @@ class InProcessApp:
         self._stack = contextlib.ExitStack()
         self._portal: anyio.from_thread.BlockingPortal | None = None
 
-    def start(self) -> InProcessApp:
-        db.migrate(self.database_url)  # as `reasoning-agent serve` does first
+    def start(self, *, migrate: bool = True) -> InProcessApp:
+        if migrate:
+            db.migrate(self.database_url)  # as `reasoning-agent serve` does first
         self._portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal())
         self._stack.enter_context(
             self._portal.wrap_async_context_manager(self.app.router.lifespan_context(self.app))
@@ -86,8 +87,8 @@ def settings_for(env: Mapping[str, str]) -> Settings:
 
 
 @contextlib.contextmanager
-def running(env: Mapping[str, str]) -> Iterator[InProcessApp]:
-    app = InProcessApp(settings_for(env)).start()
+def running(env: Mapping[str, str], *, migrate: bool = True) -> Iterator[InProcessApp]:
+    app = InProcessApp(settings_for(env)).start(migrate=migrate)
     try:
         yield app
     finally:

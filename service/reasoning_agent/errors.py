@@ -7,6 +7,7 @@ failure gets, LLM failures and stored tasks' errors included.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -231,5 +232,7 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for db_error in (DBAPIError, PoolTimeout):
+    # A refused or unresolvable connection reaches the handlers as the socket's own error:
+    # SQLAlchemy wraps only what the driver raises once connected.
+    for db_error in (DBAPIError, PoolTimeout, ConnectionError, socket.gaierror):
         app.add_exception_handler(db_error, _database_error)

@@ -7,9 +7,9 @@ import json
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import StartService
+from tests.conftest import StartService, base_env
 from tests.fake_openai import FakeOpenAI, Step
-from tests.inprocess import InProcessApp
+from tests.inprocess import InProcessApp, running
 from tests.support import ALICE, BOB, free_port, redis_url
 
 
@@ -186,3 +186,23 @@ def test_metrics_on_the_main_port_are_for_admin_keys_only(shared_app: InProcessA
     }
     assert "reasoning_agent_" not in refused.text
     assert allowed.status_code == 200 and "reasoning_agent_http_requests_total" in allowed.text
+
+
+def test_a_database_that_refuses_connections_is_a_counted_503_not_a_500(
+    upstream: FakeOpenAI,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("reasoning_agent_database_errors_total") or 0.0
+
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/none"  # nothing listens there
+    before = errors()
+    env = base_env(upstream, nowhere) | {"REDIS_URL": redis_url(), "TASK_RUNNER": "arq"}
+    with running(env, migrate=False) as app, app.client() as client:  # no queue to resume
+        for method, path, body in (("POST", "/task", {"prompt": "x"}), ("GET", "/query", None)):
+            response = client.request(method, path, json=body)
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["type"] == "database_unavailable"
+        assert client.get("/readyz").status_code == 503
+    assert errors() == before + 2
