@@ -368,3 +368,25 @@ def test_a_chunked_body_over_the_limit_is_refused_while_streaming(
         )
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "payload_too_large"
+
+
+def test_an_answer_the_database_cannot_store_as_sent_is_stored_made_safe(
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
+) -> None:
+    """A paid answer is never lost to its bytes: NUL and lone surrogates replaced, the model
+    name cut to its column, absurd token counts clamped."""
+    raw = (
+        b'{"choices": [{"index": 0, "message": {"role": "assistant", '
+        b'"content": "a\\u0000b\\ud800c"}}], "model": "' + b"m" * 300 + b'", '
+        b'"usage": {"prompt_tokens": 3000000000, "completion_tokens": 100000000000000000000}}'
+    )
+    fake_llm.script(Step(raw=raw))
+    with shared_app.client() as client:
+        response = client.post("/task", json={"prompt": unique("hostile bytes")})
+        assert response.status_code == 200, response.text
+        task = response.json()
+        assert task["answer"] == "a\ufffdb\ufffdc"
+        assert task["model"] == "m" * 200
+        assert task["usage"]["prompt_tokens"] == 2**31 - 1
+        assert task["usage"]["completion_tokens"] == 2**31 - 1
+        assert client.get(f"/task/{task['id']}").json() == task

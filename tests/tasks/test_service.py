@@ -157,11 +157,15 @@ def test_store_prompts_false_gives_the_caller_its_text_and_the_database_none(
                     TaskIn(prompt="private", system="be terse"), owner="alice", background=False
                 )
             )
+            fake_llm.script(Step(raw=b'{"choices": [{"message": {"content": "lone \\ud800"}}]}'))
+            hostile = app.run(
+                lambda: tasks_of(app).submit(TaskIn(prompt="odd"), owner="alice", background=False)
+            )
+        assert hostile.task.answer == "lone \ufffd"  # what the caller gets can be encoded
         assert (submitted.task.prompt, submitted.task.system) == ("private", "be terse")
         assert submitted.task.answer == "fake answer to: private"
-        assert query(url, "SELECT prompt, system, answer, answer_chars FROM tasks") == [
-            (None, None, None, len("fake answer to: private"))
-        ]
+        rows = query(url, "SELECT prompt, system, answer, answer_chars FROM tasks")
+        assert sorted(rows) == [(None, None, None, 6), (None, None, None, 23)]
     finally:
         drop_database(url)
 

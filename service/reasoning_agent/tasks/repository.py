@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Executable,
+    String,
     Table,
     Update,
     and_,
@@ -31,7 +33,7 @@ from reasoning_agent.storage.db import Database
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.status import ErrorType, TaskStatus
 
-__all__ = ["InvalidCursor", "Page", "TaskRepository", "sha256"]
+__all__ = ["InvalidCursor", "Page", "TaskRepository", "sha256", "storable"]
 
 
 class InvalidCursor(ValueError):
@@ -46,6 +48,26 @@ class Page:
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_COUNT = 2**31 - 1  # the token columns are 32-bit on PostgreSQL
+_MODEL_CHARS = cast(String, Task.__table__.c.model.type).length or 200
+
+
+def storable(text: str) -> str:
+    """Text every database keeps as it is: NUL and lone surrogates become U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _LONE_SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _count(value: int | None) -> int | None:
+    return None if value is None else min(value, _MAX_COUNT)
 
 
 # Built once: making a statement costs more than running it, and these run for every task.
@@ -128,15 +150,17 @@ class TaskRepository:
         store_text: bool,
         expect: TaskStatus | None = None,
     ) -> bool:
-        """Record the answer; with `expect`, only if the task is still in that status."""
+        """Record the answer, made storable (an upstream's bytes must not lose a paid answer);
+        with `expect`, only if the task is still in that status."""
+        answer = storable(result.answer)
         values = {
             "status": TaskStatus.COMPLETED,
-            "answer": result.answer if store_text else None,
-            "answer_chars": len(result.answer),
-            "answer_sha256": sha256(result.answer),
-            "model": result.model,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
+            "answer": answer if store_text else None,
+            "answer_chars": len(answer),
+            "answer_sha256": sha256(answer),
+            "model": storable(result.model)[:_MODEL_CHARS],
+            "prompt_tokens": _count(result.prompt_tokens),
+            "completion_tokens": _count(result.completion_tokens),
             "attempts": result.attempts,
             "latency_ms": latency_ms,
             "completed_at": datetime.now(UTC),

@@ -25,7 +25,13 @@ from reasoning_agent.llm.base import LLMError, LLMResult
 from reasoning_agent.observability import metrics
 from reasoning_agent.runners.base import Runner
 from reasoning_agent.tasks.models import Task
-from reasoning_agent.tasks.repository import InvalidCursor, Page, TaskRepository, sha256
+from reasoning_agent.tasks.repository import (
+    InvalidCursor,
+    Page,
+    TaskRepository,
+    sha256,
+    storable,
+)
 from reasoning_agent.tasks.schemas import TaskIn
 from reasoning_agent.tasks.status import ErrorType, TaskStatus
 
@@ -179,7 +185,8 @@ class TaskService:
             raise error(str(outcome.error), extra={"task_id": task.id}) from None
         if not self._store_text:  # the caller still gets its text; the database never had it
             assert outcome.result is not None
-            task.show_unstored(prompt=body.prompt, system=body.system, answer=outcome.result.answer)
+            answer = storable(outcome.result.answer)  # as the database would have had it
+            task.show_unstored(prompt=body.prompt, system=body.system, answer=answer)
         return Submitted(task, Verdict.COMPLETED)
 
     def _replay(self, task: Task, digest: str, *, background: bool) -> Submitted:
