@@ -22,7 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--no-migrate", action="store_true", help="do not apply migrations before serving"
     )
-    commands.add_parser("worker", help="run background tasks from the Redis queue (arq)")
+    work = commands.add_parser("worker", help="run background tasks from the Redis queue (arq)")
+    work.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if this machine's worker is alive and reaching Redis (a liveness probe)",
+    )
+    work.add_argument(
+        "--max-age",
+        type=float,
+        default=30,
+        metavar="SECONDS",
+        help="with --check: how old the worker's last heartbeat may be",
+    )
     migrate = commands.add_parser("migrate", help="apply the database migrations")
     migrate.add_argument(
         "--wait",
@@ -41,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "worker":
             from reasoning_agent.runners import worker
 
+            if args.check:
+                return 0 if worker.check(load_settings(), max_age_s=args.max_age) else 1
             worker.run(load_settings())
         else:
             from reasoning_agent.services import check_settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64)
     worker_concurrency: int = Field(10, ge=1, le=1000)
     task_runner: Literal["auto", "arq", "local"] = "auto"
+    # Touched by `reasoning-agent worker` while its loop runs and Redis answers.
+    worker_heartbeat_file: Path = Path(tempfile.gettempdir()) / "reasoning-agent-worker.alive"
     metrics_port: int | None = Field(None, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

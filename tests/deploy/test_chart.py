@@ -597,3 +597,10 @@ def test_the_migration_hooks_secret_is_deleted_with_the_hook() -> None:
     for doc in hook_objects:
         policy = doc["metadata"]["annotations"].get("helm.sh/hook-delete-policy", "")
         assert {"before-hook-creation", "hook-succeeded"} <= set(policy.split(",")), doc["kind"]
+
+
+def test_worker_pods_have_a_liveness_probe_that_checks_their_heartbeat() -> None:
+    worker = find(render(EXTERNAL), "Deployment", "ra-reasoning-agent-worker")
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["reasoning-agent", "worker", "--check"]

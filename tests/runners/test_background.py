@@ -212,3 +212,32 @@ def test_a_pickle_in_redis_is_never_unpickled_by_a_worker_or_a_cancel(
         task = client.post("/task", json={"prompt": "after the pickle", "mode": "async"}).json()
         assert wait_for(client, task["id"], {"completed", "failed"})["status"] == "completed"
     assert not marker.exists()
+
+
+def test_the_workers_liveness_check_follows_its_loop_and_redis(
+    start_service: StartService, start_worker: Callable, tmp_path: Path
+) -> None:
+    heartbeat = tmp_path / "worker.alive"
+    service = start_service(REDIS_URL=redis_url(), WORKER_HEARTBEAT_FILE=str(heartbeat))
+
+    def check(max_age: float) -> int:
+        args = [*command(), "worker", "--check", "--max-age", str(max_age)]
+        return subprocess.run(args, env=service.env, check=False, timeout=60).returncode
+
+    assert check(30) == 1  # no worker yet
+    worker = start_worker(service)
+    deadline = time.monotonic() + 30
+    while not heartbeat.exists():
+        assert time.monotonic() < deadline, "the worker never beat"
+        time.sleep(0.1)
+    assert check(30) == 0
+    os.killpg(worker.pid, signal.SIGSTOP)  # a hung worker: its loop no longer turns
+    try:
+        time.sleep(3)
+        assert check(2) == 1
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 15
+    while check(2) != 0:  # it beats again once it runs
+        assert time.monotonic() < deadline, "the worker did not beat again"
+        time.sleep(0.5)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from reasoning_agent.config import ConfigError, Settings
@@ -13,9 +16,31 @@ from reasoning_agent.runners.arq import CODEC, MAX_TRIES, QUEUE
 from reasoning_agent.services import Services, build_services
 from reasoning_agent.tasks.status import TaskStatus
 
-__all__ = ["run", "worker_settings"]
+__all__ = ["HEARTBEAT_S", "check", "run", "worker_settings"]
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0  # how often a live worker that reaches Redis touches its heartbeat file
+
+
+def check(settings: Settings, *, max_age_s: float) -> bool:
+    """For a liveness probe: this pod's worker touched its heartbeat file lately."""
+    try:
+        age = time.time() - settings.worker_heartbeat_file.stat().st_mtime
+    except OSError:
+        return False
+    return age <= max_age_s
+
+
+async def _heartbeat(path: Path, redis: Any) -> None:
+    """Touch `path` every HEARTBEAT_S while the loop turns and Redis answers a ping."""
+    while True:
+        try:
+            await asyncio.wait_for(redis.ping(), HEARTBEAT_S)
+            await asyncio.to_thread(path.touch)
+        except Exception as exc:
+            log.warning("worker heartbeat: Redis did not answer: %s", exc.__class__.__name__)
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 def run(settings: Settings) -> None:
@@ -43,6 +68,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         stack = AsyncExitStack()
         ctx["stack"] = stack
         ctx["services"] = services = await stack.enter_async_context(build_services(settings))
+        beating = asyncio.create_task(_heartbeat(settings.worker_heartbeat_file, ctx["redis"]))
+        stack.callback(beating.cancel)
+        stack.callback(settings.worker_heartbeat_file.unlink, missing_ok=True)
         log.info("worker started", extra={"provider": services.agent.provider.name, "queue": QUEUE})
 
     async def shutdown(ctx: dict[str, Any]) -> None:
