@@ -604,3 +604,39 @@ def test_worker_pods_have_a_liveness_probe_that_checks_their_heartbeat() -> None
     container = worker["spec"]["template"]["spec"]["containers"][0]
     for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["exec"]["command"] == ["reasoning-agent", "worker", "--check"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "named"),
+    [
+        ({"config.otel.OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer abc"}, "secrets.otel"),
+        ({"config.otel.OTEL_RESOURCE_ATTRIBUTES": "api_key=abc"}, "secrets.otel"),
+        ({"config.openaiBaseUrl": "https://user:pass@llm.example/v1"}, "secrets.openaiBaseUrl"),
+    ],
+)
+def test_a_credential_is_refused_a_place_in_the_configmap(sets: dict, named: str) -> None:
+    assert named in render_error(DEFAULT, sets=sets)
+
+
+def test_credential_values_go_to_the_secret_and_reach_every_container_from_there() -> None:
+    headers, url = "authorization=Bearer otel-token-1", "https://u:llm-pass-1@llm.example/v1"
+    docs = render(
+        EXISTING,
+        sets={
+            "secrets.otel.OTEL_EXPORTER_OTLP_HEADERS": headers,
+            "secrets.openaiBaseUrl": url,
+            "config.otel.OTEL_SERVICE_NAME": "ra",
+        },
+    )
+    secret = find(docs, "Secret", "ra-reasoning-agent")
+    assert base64.b64decode(secret["data"]["OTEL_EXPORTER_OTLP_HEADERS"]).decode() == headers
+    assert base64.b64decode(secret["data"]["openai-base-url"]).decode() == url
+    text = yaml.safe_dump([d for d in docs if d["kind"] != "Secret"])
+    assert "otel-token-1" not in text and "llm-pass-1" not in text
+    assert find(docs, "ConfigMap", "ra-reasoning-agent")["data"]["OTEL_SERVICE_NAME"] == "ra"
+    env = env_of(app_deployment(docs)["spec"]["template"]["spec"]["containers"][0])
+    for name, key in (
+        ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"),
+        ("OPENAI_BASE_URL", "openai-base-url"),
+    ):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "ra-reasoning-agent", "key": key}

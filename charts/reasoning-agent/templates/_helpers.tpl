@@ -113,6 +113,14 @@ key: database-url
 {{- if and .Values.redis.enabled (or .Values.externalRedis.url .Values.externalRedis.existingSecret) }}
 {{- fail "externalRedis replaces the bundled Redis: set redis.enabled=false with it" }}
 {{- end }}
+{{- range $name, $value := .Values.config.otel }}
+{{- if or (contains "HEADERS" $name) (regexMatch "(?i)(bearer|basic |token|password|secret|api[-_]?key|authorization)|://[^/]*@" $value) }}
+{{- fail (printf "config.otel.%s looks like a credential and would sit in the ConfigMap in clear: set it in secrets.otel" $name) }}
+{{- end }}
+{{- end }}
+{{- if regexMatch "://[^/]*@" .Values.config.openaiBaseUrl }}
+{{- fail "config.openaiBaseUrl holds credentials and would sit in the ConfigMap in clear: set secrets.openaiBaseUrl instead" }}
+{{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (include "reasoning-agent.externalDatabase" .)) }}
 {{- fail "podDisruptionBudget needs an external database (database.url): with SQLite there is one pod" }}
 {{- end }}
@@ -121,6 +129,21 @@ key: database-url
 {{/* The environment the HTTP pods and the worker pods share: secrets, database and Redis. */}}
 {{- define "reasoning-agent.sharedEnv" -}}
 {{- $external := include "reasoning-agent.externalDatabase" . }}
+{{- $root := . }}
+{{- with .Values.secrets.openaiBaseUrl }}
+- name: OPENAI_BASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "reasoning-agent.fullname" $root }}
+      key: openai-base-url
+{{- end }}
+{{- range $name, $_ := .Values.secrets.otel }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "reasoning-agent.fullname" $root }}
+      key: {{ $name }}
+{{- end }}
 - name: OPENAI_API_KEY
   valueFrom:
     secretKeyRef:
