@@ -640,3 +640,44 @@ def test_credential_values_go_to_the_secret_and_reach_every_container_from_there
         ("OPENAI_BASE_URL", "openai-base-url"),
     ):
         assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "ra-reasoning-agent", "key": key}
+
+
+def policies(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+
+
+def test_redis_admits_only_the_server_and_worker_pods_by_default() -> None:
+    docs = render(DEFAULT)
+    redis = policies(docs)["ra-redis"]
+    redis_pod = find(docs, "Deployment", "ra-redis")["spec"]["template"]["metadata"]["labels"]
+    assert all(redis_pod[k] == v for k, v in redis["podSelector"]["matchLabels"].items())
+    (rule,) = redis["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    selector = peer["podSelector"]
+
+    def admitted(labels: dict) -> bool:
+        if not all(labels.get(k) == v for k, v in selector["matchLabels"].items()):
+            return False
+        return all(labels.get(e["key"]) in e["values"] for e in selector["matchExpressions"])
+
+    external = render(EXTERNAL)
+    pods = {
+        "server": app_deployment(external)["spec"]["template"]["metadata"]["labels"],
+        "worker": find(external, "Deployment", "ra-reasoning-agent-worker")["spec"]["template"][
+            "metadata"
+        ]["labels"],
+        "migrate": find(external, "Job")["spec"]["template"]["metadata"]["labels"],
+        "test": find(external, "Pod")["metadata"]["labels"],
+    }
+    assert {name for name, labels in pods.items() if admitted(labels)} == {"server", "worker"}
+
+
+def test_the_metrics_port_has_its_own_peers_so_a_scraper_is_not_held_to_the_apis() -> None:
+    docs = render(EXTERNAL)  # its ingressFrom admits one namespace to the API
+    app = policies(docs)["ra-reasoning-agent"]
+    by_port = {rule["ports"][0]["port"]: rule.get("from") for rule in app["ingress"]}
+    ingress_nginx = {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    assert by_port["http"] == [{"namespaceSelector": ingress_nginx}]
+    assert by_port["metrics"] == [{"podSelector": {}}]  # any pod of the namespace, by default
+    assert by_port["metrics"] != by_port["http"]
