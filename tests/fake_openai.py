@@ -7,26 +7,29 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
 @dataclass
 class Step:
     """What the server does for one request: fail with `status`, wait `delay`, hang, drop the
-    connection (`reset`), or send `raw` bytes as a 200 JSON body."""
+    connection (`reset`), or send `raw` bytes as a 200 JSON body (`chunked`: without a
+    Content-Length, in pieces)."""
 
     status: int = 200
     delay: float = 0.0
     hang: bool = False
     reset: bool = False
     raw: bytes | None = None
+    chunked: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
 
@@ -102,6 +105,14 @@ class FakeOpenAI:
         if step.reset:  # drop the connection without an answer
             request.receive.__self__.transport.abort()  # type: ignore[attr-defined]
             return Response(status_code=499)
+        if step.raw is not None and step.chunked:
+            raw = step.raw
+
+            async def pieces() -> AsyncIterator[bytes]:
+                for start in range(0, len(raw), 65536):
+                    yield raw[start : start + 65536]
+
+            return StreamingResponse(pieces(), media_type="application/json")
         if step.raw is not None:
             return Response(step.raw, media_type="application/json")
         if step.status != 200:

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     openai_model: str = Field("gpt-4o-mini", min_length=1)
     llm_max_attempts: int = Field(3, ge=1, le=20)
     llm_timeout_s: float = Field(60.0, gt=0, le=3600)
+    llm_max_response_bytes: int = Field(8 * 2**20, ge=1024)
     max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     store_prompts: bool = True

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from reasoning_agent.llm import LLMRequest
+from reasoning_agent.llm import AnswerTooLarge, LLMError, LLMRequest
 from reasoning_agent.llm.openai import OpenAIProvider
 from tests.conftest import module_service
 from tests.fake_openai import FakeOpenAI, Step
@@ -175,3 +175,36 @@ def test_a_retry_after_that_is_no_sane_wait_is_treated_as_absent(
         return time.monotonic() - started
 
     assert asyncio.run(call()) < TIMEOUT_S
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_answer_past_the_byte_cap_is_not_read_whole_and_fails_the_call(
+    fake_llm: FakeOpenAI, chunked: bool
+) -> None:
+    cap = 1_000_000
+    huge = b'{"choices": [{"message": {"content": "' + b"x" * (5 * cap) + b'"}}]}'
+    provider = OpenAIProvider(
+        api_key=OPENAI_KEY,
+        base_url=fake_llm.base_url,
+        model="gpt-test",
+        max_attempts=3,
+        max_response_bytes=cap,
+    )
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+
+    async def call() -> LLMError:
+        fake_llm.script(Step(raw=huge, chunked=chunked))
+        try:
+            with pytest.raises(AnswerTooLarge) as caught:
+                await provider.complete(request, deadline=time.monotonic() + 10)
+            # the connection is not left half read: the next call gets a normal answer
+            fake_llm.script(Step(raw=b'{"choices": [{"message": {"content": "ok"}}]}'))
+            assert (await provider.complete(request, deadline=time.monotonic() + 10)).answer == "ok"
+        finally:
+            await provider.aclose()
+        return caught.value
+
+    error = asyncio.run(call())
+    assert error.attempts == 1 and error.outcome == "too_large"
+    assert str(error) == f"upstream answer is larger than {cap} bytes (LLM_MAX_RESPONSE_BYTES)"
+    assert fake_llm.calls == 2  # not retried

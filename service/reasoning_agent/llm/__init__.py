@@ -5,6 +5,7 @@ Plugins import what they implement from here: `LLMProvider`, `LLMRequest`, `LLMR
 """
 
 from reasoning_agent.llm.base import (
+    AnswerTooLarge,
     DeadlineExceeded,
     LLMError,
     LLMProvider,
@@ -21,6 +22,7 @@ from reasoning_agent.llm.registry import ENTRY_POINT_GROUP, load_provider, provi
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "AnswerTooLarge",
     "DeadlineExceeded",
     "LLMError",
     "LLMProvider",

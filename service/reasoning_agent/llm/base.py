@@ -15,6 +15,7 @@ from reasoning_agent.observability.telemetry import capture_content, span
 from reasoning_agent.tasks.status import ErrorType
 
 __all__ = [
+    "AnswerTooLarge",
     "DeadlineExceeded",
     "LLMError",
     "LLMProvider",
@@ -80,6 +81,12 @@ class NoAnswer(UpstreamError):
     """The upstream answered JSON without an answer in it."""
 
     outcome = "no_answer"
+
+
+class AnswerTooLarge(UpstreamError):
+    """The upstream's answer was larger than LLM_MAX_RESPONSE_BYTES; reading stopped there."""
+
+    outcome = "too_large"
 
 
 class DeadlineExceeded(LLMError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
+from openai._constants import RAW_RESPONSE_HEADER
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -23,6 +25,7 @@ from tenacity.stop import stop_base
 
 from reasoning_agent.config import Settings
 from reasoning_agent.llm.base import (
+    AnswerTooLarge,
     DeadlineExceeded,
     LLMError,
     LLMRequest,
@@ -41,6 +44,8 @@ __all__ = ["OpenAIProvider", "from_settings"]
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_AFTER_S = 60.0
+# Asks the SDK for the response unread, so its body is read here, under the byte cap.
+_UNREAD = {RAW_RESPONSE_HEADER: "stream"}
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -90,10 +95,28 @@ def _body(request: LLMRequest) -> dict[str, Any]:
     return body
 
 
-def _parse(response: httpx2.Response, *, model: str, attempts: int) -> LLMResult:
+async def _read_capped(response: httpx2.Response, cap: int, *, attempts: int) -> bytes:
+    """The body, or AnswerTooLarge as soon as it passes `cap` bytes (declared or received)."""
+    too_large = AnswerTooLarge(
+        message=f"upstream answer is larger than {cap} bytes (LLM_MAX_RESPONSE_BYTES)",
+        attempts=attempts,
+    )
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > cap:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(body: bytes, *, model: str, attempts: int) -> LLMResult:
     """The answer in a chat completion; anything else is the upstream's fault (502)."""
     try:
-        payload = response.json()
+        payload = json.loads(body)
     except ValueError:  # not JSON, or not UTF-8
         raise MalformedAnswer(
             message="upstream sent a response that is not valid JSON", attempts=attempts
@@ -181,9 +204,11 @@ class OpenAIProvider:
         base_url: str | None,
         model: str,
         max_attempts: int,
+        max_response_bytes: int = 8 * 2**20,
     ) -> None:
         self.default_model = model
         self._max_attempts = max_attempts
+        self._max_response_bytes = max_response_bytes
         self._client: openai.AsyncOpenAI | None = None
         if api_key:
             self._client = _Client(
@@ -235,13 +260,21 @@ class OpenAIProvider:
             try:
                 # The SDK's generic post keeps its auth, URL, timeout and error mapping but
                 # skips the typed request and response models, the costliest part of a call.
+                traced = inject_headers()
                 response = await self._client.post(
                     "/chat/completions",
                     cast_to=httpx2.Response,
                     body=_body(request),
-                    options={"timeout": remaining, "headers": inject_headers()},
+                    options={
+                        "timeout": remaining,
+                        "headers": {**traced, **_UNREAD} if traced else _UNREAD,
+                    },
                 )
-                result = _parse(response, model=request.model, attempts=number)
+                try:
+                    body = await _read_capped(response, self._max_response_bytes, attempts=number)
+                finally:
+                    await response.aclose()  # past the cap: the connection is dropped
+                result = _parse(body, model=request.model, attempts=number)
             except BaseException as exc:
                 error = exc
                 if current.is_recording():
@@ -288,4 +321,5 @@ def from_settings(settings: Settings) -> OpenAIProvider:
         base_url=settings.openai_base_url,
         model=settings.openai_model,
         max_attempts=settings.llm_max_attempts,
+        max_response_bytes=settings.llm_max_response_bytes,
     )
