@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _upkeep(services: Services) -> AsyncIterator[None]:
-    """While the app serves: resume this process's queued tasks, sweep, purge."""
+    """While the app serves: resume this process's queued tasks, sweep, purge; on the way out,
+    drain the in-process runner."""
     settings = services.settings
     if isinstance(services.runner, InProcessRunner):
         resumed = await services.tasks.resume()
@@ -118,3 +119,9 @@ async def _upkeep(services: Services) -> AsyncIterator[None]:
         for task in running:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if isinstance(services.runner, InProcessRunner):
+            # A rollout must not fail what this process was running: the next one runs it.
+            stopped = await services.runner.drain(settings.background_drain_s)
+            requeued = await services.tasks.repository.requeue(stopped)
+            if requeued:
+                log.info("background tasks queued again", extra={"tasks": requeued})

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
     worker_concurrency: int = Field(10, ge=1, le=1000)
+    # On SIGTERM, how long in-process background tasks may go on before they are queued again.
+    background_drain_s: float = Field(10.0, ge=0, le=3600)
     task_runner: Literal["auto", "arq", "local"] = "auto"
     # Touched by `reasoning-agent worker` while its loop runs and Redis answers.
     worker_heartbeat_file: Path = Path(tempfile.gettempdir()) / "reasoning-agent-worker.alive"

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import StartService
 from tests.fake_openai import FakeOpenAI, Step
-from tests.support import Service, command, redis_url
+from tests.support import Service, command, query, redis_url
 
 
 def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: float = 30) -> dict:
@@ -241,3 +241,26 @@ def test_the_workers_liveness_check_follows_its_loop_and_redis(
     while check(2) != 0:  # it beats again once it runs
         assert time.monotonic() < deadline, "the worker did not beat again"
         time.sleep(0.5)
+
+
+def test_sigterm_lets_running_tasks_finish_and_queues_again_what_cannot(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    """A rollout of the default chart (SQLite, in-process runner) fails nothing it was running."""
+    fake_llm.script(Step(delay=1.0), Step(delay=8.0))  # one ends within the drain, one not
+    service = start_service(WORKER_CONCURRENCY="2", LLM_TIMEOUT_S="20", BACKGROUND_DRAIN_S="3")
+    with service.client() as client:
+        quick = client.post("/task", json={"prompt": "quick", "mode": "async"}).json()["id"]
+        wait_for(client, quick, {"running"})
+        slow = client.post("/task", json={"prompt": "slow", "mode": "async"}).json()["id"]
+        wait_for(client, slow, {"running"})
+    assert service.stop(signal.SIGTERM) == 0
+    url = service.env["DATABASE_URL"]
+    statuses = dict(query(url, f"SELECT id, status FROM tasks WHERE id IN ('{quick}', '{slow}')"))
+    assert statuses == {quick: "completed", slow: "queued"}
+    assert "background tasks queued again" in service.logs()
+
+    fake_llm.reset()
+    service.restart()  # the next process runs what was queued again
+    with service.client() as client:
+        assert wait_for(client, slow, {"completed", "failed"})["status"] == "completed"

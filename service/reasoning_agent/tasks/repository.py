@@ -231,6 +231,16 @@ class TaskRepository:
         )
         return bool(changed)
 
+    async def requeue(self, task_ids: list[str]) -> int:
+        """Put running tasks back in the queue (their process is stopping); how many."""
+        if not task_ids:
+            return 0
+        return await self._commit_rows(
+            update(Task)
+            .where(Task.id.in_(task_ids), Task.status == TaskStatus.RUNNING)
+            .values(status=TaskStatus.QUEUED)
+        )
+
     async def fail_interrupted(self, *, pending_after: timedelta, running_after: timedelta) -> int:
         """Fail tasks unfinished for longer than any live process could take: theirs is gone."""
         now = datetime.now(UTC)
