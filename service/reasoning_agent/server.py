@@ -178,7 +178,8 @@ def _serve_gunicorn(settings: Settings) -> None:
         "bind": f"{host}:{settings.port}",
         "workers": settings.workers,
         "worker_class": "uvicorn_worker.UvicornWorker",
-        "graceful_timeout": math.ceil(settings.llm_timeout_s) + 5,
+        # Requests in flight end by the deadline; in-process background tasks get their drain.
+        "graceful_timeout": math.ceil(settings.llm_timeout_s + settings.background_drain_s) + 5,
         "timeout": 30,
         "keepalive": 5,
         # A SO_REUSEPORT socket per worker lets the kernel spread new connections evenly; on

@@ -286,7 +286,8 @@ spec:
   {{- end }}
 {{- end }}
 
-{{/* Longer than LLM_TIMEOUT_S, so requests and jobs in flight can finish after SIGTERM. */}}
+{{/* Longer than LLM_TIMEOUT_S and the background drain (10 s), so requests and jobs in flight
+     can finish after SIGTERM. */}}
 {{- define "reasoning-agent.gracePeriod" -}}
-terminationGracePeriodSeconds: {{ add (int .Values.config.llmTimeoutS) 15 }}
+terminationGracePeriodSeconds: {{ add (int .Values.config.llmTimeoutS) 25 }}
 {{- end }}
