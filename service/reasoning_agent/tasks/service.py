@@ -95,44 +95,33 @@ class TaskService:
         idempotency_key: str | None = None,
         trace_id: str | None = None,
     ) -> Submitted:
-        """Answer the prompt now, or store it for the background; a repeated Idempotency-Key
-        gets the first request's task. Raises a ServiceError when there is no answer."""
+        """Store the task, then answer the prompt now or leave it to the background; a
+        repeated Idempotency-Key gets the first request's task. Raises a ServiceError when
+        there is no answer. The row is written before the LLM is called, on every path: a
+        call that is paid for always has a task to be recorded on."""
         self._check(body, background=background)
         model = body.model or self.agent.default_model
-        asking = None
-        if not background and idempotency_key is None:
-            # No earlier task to look up, so the LLM is asked first and the pending row is
-            # written while it thinks: the write adds nothing to the caller's wait.
-            asking = asyncio.create_task(self._ask(body, model))
-            await asyncio.sleep(0)  # lets it put the request on the wire
         digest = request_hash(body, model)
-        try:
-            task, created = await self.repository.create(
-                owner=owner,
-                prompt=body.prompt,
-                system=body.system,
-                model=model,
-                temperature=body.temperature,
-                max_tokens=body.max_tokens,
-                metadata=dict(body.metadata),
-                digest=digest,
-                idempotency_key=idempotency_key,
-                trace_id=trace_id,
-                store_text=self._store_text,
-                status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
-            )
-        except BaseException:
-            if asking is not None:  # not stored: stop the call, the caller gets the error alone
-                asking.cancel()
-            raise
+        task, created = await self.repository.create(
+            owner=owner,
+            prompt=body.prompt,
+            system=body.system,
+            model=model,
+            temperature=body.temperature,
+            max_tokens=body.max_tokens,
+            metadata=dict(body.metadata),
+            digest=digest,
+            idempotency_key=idempotency_key,
+            trace_id=trace_id,
+            store_text=self._store_text,
+            status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
+        )
         if not created:
             return self._replay(task, digest, background=background)
         if background:
             await self._enqueue(task)
             return Submitted(task, Verdict.ACCEPTED)
-        if asking is None:
-            asking = asyncio.create_task(self._ask(body, model))
-        return await self._answer_now(task, body, asking)
+        return await self._answer_now(task, body, model)
 
     def _check(self, body: TaskIn, *, background: bool) -> None:
         if len(body.prompt) > self._max_prompt_chars:
@@ -161,12 +150,10 @@ class TaskService:
             )
             raise ServiceUnavailable("the task queue is unavailable") from exc
 
-    async def _answer_now(
-        self, task: Task, body: TaskIn, asking: asyncio.Task[_Outcome]
-    ) -> Submitted:
+    async def _answer_now(self, task: Task, body: TaskIn, model: str) -> Submitted:
         started = time.monotonic()
         try:
-            outcome = await asking
+            outcome = await self._ask(body, model)
             metrics.note_llm_seconds(outcome.seconds)  # for the request's overhead histogram
             await self._record(task, outcome)
         except asyncio.CancelledError:
