@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -322,3 +323,58 @@ def post_over_both_workers(
         if len(responses) >= at_least and len(worker_pids(service)) == 2:
             return responses
     raise AssertionError(f"only workers {worker_pids(service)} answered {len(responses)} requests")
+
+
+class OwnPostgres:
+    """A PostgreSQL server of the test's own on a free loopback port, which it may stop and
+    start (the shared one must stay up for every other test)."""
+
+    def __init__(self) -> None:
+        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not binaries:
+            need("PostgreSQL's pg_ctl", "127.0.0.1", 0)  # skips on a laptop, fails in CI
+        self._bin = binaries[-1].parent
+        self.port = free_port()
+        # Not under pytest's tmp_path, which only root may enter: initdb runs as postgres.
+        self._root = Path(tempfile.mkdtemp(prefix="reasoning-agent-pg-"))
+        self._root.chmod(0o777)
+        self._data = self._root / "pgdata"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres(
+            str(self._bin / "initdb"),
+            "-D",
+            str(self._data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        )
+
+    def _as_postgres(self, *command: str, check: bool = True) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *command], check=check, capture_output=True, timeout=60)
+
+    def start(self) -> OwnPostgres:
+        options = f"-p {self.port} -k {self._data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._as_postgres(
+            str(self._bin / "pg_ctl"),
+            "-D",
+            str(self._data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self._data / "log"),
+            "start",
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop at once, as a crash would; stopping a stopped server is no error."""
+        pg_ctl = str(self._bin / "pg_ctl")
+        self._as_postgres(pg_ctl, "-D", str(self._data), "-m", "immediate", "stop", check=False)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._root, ignore_errors=True)

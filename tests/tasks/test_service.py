@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client import REGISTRY
@@ -30,7 +31,14 @@ from reasoning_agent.tasks.status import ErrorType, TaskStatus
 from tests.conftest import base_env
 from tests.fake_openai import FakeOpenAI, Step
 from tests.inprocess import InProcessApp, running
-from tests.support import drop_database, free_port, new_database, query
+from tests.support import (
+    OwnPostgres,
+    drop_database,
+    free_port,
+    new_database,
+    query,
+    redis_url,
+)
 from tests.tasks.factories import new_task
 
 
@@ -226,3 +234,31 @@ def test_each_llm_error_class_carries_its_code_and_its_answer(
 def test_a_stored_error_type_the_api_does_not_answer_with_replays_as_a_bad_gateway() -> None:
     for stored in (ErrorType.INTERRUPTED, ErrorType.CANCELLED, None, "from an older release"):
         assert for_error_type(stored) is BadGateway
+
+
+@pytest.mark.database_agnostic  # its own PostgreSQL, whichever pass runs it
+def test_an_answer_survives_the_database_going_away_while_the_llm_thinks(
+    upstream: FakeOpenAI, fake_llm: FakeOpenAI, tmp_path
+) -> None:
+    """The final write is retried for a few seconds: the answer it records is paid for."""
+    postgres = OwnPostgres().start()
+    try:
+        fake_llm.default_delay = 1.0
+        env = base_env(upstream, postgres.url) | {"REDIS_URL": redis_url(), "TASK_RUNNER": "arq"}
+        with running(env) as app, app.client() as client, ThreadPoolExecutor(1) as pool:
+            answering = pool.submit(client.post, "/task", json={"prompt": "outlive a restart"})
+            deadline = time.monotonic() + 10
+            while fake_llm.calls == 0:  # stored, and on its way to the LLM
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            postgres.stop()
+            time.sleep(2.0)  # down when the answer comes back
+            postgres.start()
+            response = answering.result(timeout=30)
+            assert response.status_code == 200, response.text
+            assert response.json()["answer"] == "fake answer to: outlive a restart"
+        assert query(postgres.url, "SELECT status, answer FROM tasks") == [
+            ("completed", "fake answer to: outlive a restart")
+        ]
+    finally:
+        postgres.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
 import hashlib
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,7 +27,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.attributes import set_committed_value
 
 from reasoning_agent.llm.base import LLMResult
@@ -49,6 +52,10 @@ class Page:
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+
+# What a database that is restarting or failing over raises; a retry may succeed.
+_TRANSIENT = (OperationalError, InterfaceError, PoolTimeout, ConnectionError)
+FINAL_WRITE_RETRY_S = 5.0
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_COUNT = 2**31 - 1  # the token columns are 32-bit on PostgreSQL
@@ -194,11 +201,27 @@ class TaskRepository:
         if expect is not None:
             params["expect"] = expect
         statement = _update(tuple(values), conditional=expect is not None)
-        changed = await self._database.write(statement, params)
+        try:
+            changed = await self._database.write(statement, params)
+        except _TRANSIENT:
+            changed = await self._write_again(statement, params)
         if changed:
             for name, value in values.items():
                 set_committed_value(task, name, value)
         return bool(changed)
+
+    async def _write_again(self, statement: Executable, params: dict[str, Any]) -> int:
+        """Retry an outcome's write through a database that blinked: the answer it records is
+        already paid for. Raises the last error after FINAL_WRITE_RETRY_S."""
+        give_up, pause = time.monotonic() + FINAL_WRITE_RETRY_S, 0.1
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                return await self._database.write(statement, params)
+            except _TRANSIENT:
+                if time.monotonic() + pause >= give_up:
+                    raise
+                pause = min(pause * 2, 1.0)
 
     async def claim(self, task_id: str, *, statuses: tuple[TaskStatus, ...]) -> Task | None:
         """Move a task to `running` if it is in one of `statuses`; None if someone else has it."""
