@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -109,49 +111,47 @@ def test_a_background_task_is_run_by_the_same_service_and_a_cancelled_one_is_nev
     assert fake_llm.calls == calls
 
 
-def test_a_queue_that_cannot_be_reached_answers_503_and_the_task_is_failed_not_lost(
-    upstream: FakeOpenAI, tmp_path
-) -> None:
+@pytest.fixture
+def queue_away(upstream: FakeOpenAI, tmp_path: Path) -> Iterator[tuple[InProcessApp, str]]:
+    """The app and its database URL, with its arq queue on a port where nothing listens."""
     url = new_database(tmp_path)
     env = base_env(upstream, url) | {
-        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "TASK_RUNNER": "arq",
         "RATE_LIMIT_ON_STORE_ERROR": "allow",
     }
     try:
-        with running(env) as app, app.client() as client:
-            response = client.post("/task", json={"prompt": "queued nowhere", "mode": "async"})
-            assert response.status_code == 503, response.text
-            assert response.json()["error"] == {
-                "type": "unavailable",
-                "message": "the task queue is unavailable",
-            }
-        assert query(url, "SELECT status, error_type FROM tasks") == [("failed", "unavailable")]
+        with running(env) as app:
+            yield app, url
     finally:
         drop_database(url)
+
+
+def test_a_queue_that_cannot_be_reached_answers_503_and_the_task_is_failed_not_lost(
+    queue_away: tuple[InProcessApp, str],
+) -> None:
+    app, url = queue_away
+    with app.client() as client:
+        response = client.post("/task", json={"prompt": "queued nowhere", "mode": "async"})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == {
+        "type": "unavailable",
+        "message": "the task queue is unavailable",
+    }
+    assert query(url, "SELECT status, error_type FROM tasks") == [("failed", "unavailable")]
 
 
 def test_cancelling_while_the_queue_is_unreachable_answers_with_the_cancelled_task(
-    upstream: FakeOpenAI, tmp_path
+    queue_away: tuple[InProcessApp, str],
 ) -> None:
     """The row is cancelled first; a job that runs later finds it cancelled and stops."""
-    url = new_database(tmp_path)
-    env = base_env(upstream, url) | {
-        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
-        "TASK_RUNNER": "arq",
-        "RATE_LIMIT_ON_STORE_ERROR": "allow",
-    }
-    try:
-        with running(env) as app, app.client() as client:
-            queued, _ = app.run(
-                lambda: new_task(tasks_of(app).repository, status=TaskStatus.QUEUED)
-            )
-            response = client.delete(f"/task/{queued.id}")
-            assert response.status_code == 200, response.text
-            assert response.json()["status"] == "cancelled"
-        assert query(url, "SELECT status FROM tasks") == [("cancelled",)]
-    finally:
-        drop_database(url)
+    app, url = queue_away
+    queued, _ = app.run(lambda: new_task(tasks_of(app).repository, status=TaskStatus.QUEUED))
+    with app.client() as client:
+        response = client.delete(f"/task/{queued.id}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert query(url, "SELECT status FROM tasks") == [("cancelled",)]
 
 
 def test_store_prompts_false_gives_the_caller_its_text_and_the_database_none(
