@@ -97,20 +97,23 @@ def _body(request: LLMRequest) -> dict[str, Any]:
 
 async def _read_capped(response: httpx2.Response, cap: int, *, attempts: int) -> bytes:
     """The body, or AnswerTooLarge as soon as it passes `cap` bytes (declared or received)."""
-    too_large = AnswerTooLarge(
-        message=f"upstream answer is larger than {cap} bytes (LLM_MAX_RESPONSE_BYTES)",
-        attempts=attempts,
-    )
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise too_large
+        raise _too_large(cap, attempts)
     chunks, size = [], 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)
         if size > cap:
-            raise too_large
+            raise _too_large(cap, attempts)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(cap: int, attempts: int) -> AnswerTooLarge:
+    return AnswerTooLarge(
+        message=f"upstream answer is larger than {cap} bytes (LLM_MAX_RESPONSE_BYTES)",
+        attempts=attempts,
+    )
 
 
 def _parse(body: bytes, *, model: str, attempts: int) -> LLMResult:
