@@ -121,7 +121,7 @@ class TaskService:
         if background:
             await self._enqueue(task)
             return Submitted(task, Verdict.ACCEPTED)
-        return await self._answer_now(task, body, model)
+        return await self._answer_now(task, body)
 
     def _check(self, body: TaskIn, *, background: bool) -> None:
         if len(body.prompt) > self._max_prompt_chars:
@@ -150,10 +150,11 @@ class TaskService:
             )
             raise ServiceUnavailable("the task queue is unavailable") from exc
 
-    async def _answer_now(self, task: Task, body: TaskIn, model: str) -> Submitted:
+    async def _answer_now(self, task: Task, body: TaskIn) -> Submitted:
         started = time.monotonic()
         try:
-            outcome = await self._ask(body, model)
+            # The texts from the request: with STORE_PROMPTS=false the row has none.
+            outcome = await self._ask(task, prompt=body.prompt, system=body.system)
             metrics.note_llm_seconds(outcome.seconds)  # for the request's overhead histogram
             await self._record(task, outcome)
         except asyncio.CancelledError:
@@ -197,7 +198,7 @@ class TaskService:
         if task is None:
             return  # cancelled, finished, or another process has it
         assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
-        outcome = await self._ask_about(task)
+        outcome = await self._ask(task, prompt=task.prompt, system=task.system)
         await self._record(task, outcome, expect=TaskStatus.RUNNING)
 
     async def resume(self) -> int:
@@ -254,38 +255,16 @@ class TaskService:
         except InvalidCursor as exc:
             raise InvalidRequest(f"cursor: {exc}") from None
 
-    async def _ask(self, body: TaskIn, model: str) -> _Outcome:
-        return await self._call(
-            body.prompt,
-            system=body.system,
-            model=model,
-            temperature=body.temperature,
-            max_tokens=body.max_tokens,
-        )
-
-    async def _ask_about(self, task: Task) -> _Outcome:
-        assert task.prompt is not None
-        return await self._call(
-            task.prompt,
-            system=task.system,
-            model=task.model,
-            temperature=task.temperature,
-            max_tokens=task.max_tokens,
-        )
-
-    async def _call(
-        self,
-        prompt: str,
-        *,
-        system: str | None,
-        model: str,
-        temperature: float | None,
-        max_tokens: int | None,
-    ) -> _Outcome:
+    async def _ask(self, task: Task, *, prompt: str, system: str | None) -> _Outcome:
+        """Ask the agent as the stored task says (model, temperature, max_tokens)."""
         started = time.monotonic()
         try:
             result = await self.agent.run(
-                prompt, system=system, model=model, temperature=temperature, max_tokens=max_tokens
+                prompt,
+                system=system,
+                model=task.model,
+                temperature=task.temperature,
+                max_tokens=task.max_tokens,
             )
         except LLMError as exc:
             return _Outcome(None, exc, time.monotonic() - started)
