@@ -41,7 +41,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 class _Enum(TypeDecorator[E]):
     """A StrEnum kept as its plain string, handed back as the enum."""
 
-    impl = String(64)
+    impl = String
     cache_ok = True
 
     def __init__(self, enum: type[E], length: int) -> None:
