@@ -97,11 +97,7 @@ async def _upkeep(services: Services) -> AsyncIterator[None]:
         resumed = await services.tasks.resume()
         if resumed:
             log.info("resumed background tasks", extra={"tasks": resumed})
-    loops = [
-        maintenance.sweep_forever(
-            services.tasks.repository, deadline_s=settings.llm_timeout_s, arq=settings.uses_arq
-        )
-    ]
+    loops = [maintenance.sweep_forever(services.tasks)]
     if settings.retention_days is not None:
         loops.append(
             maintenance.purge_forever(

@@ -23,6 +23,7 @@ __all__ = [
     "BadGateway",
     "BadRequest",
     "Conflict",
+    "DatabaseUnavailable",
     "ErrorOut",
     "Forbidden",
     "GatewayTimeout",
@@ -32,6 +33,7 @@ __all__ = [
     "RateLimited",
     "ServiceError",
     "ServiceUnavailable",
+    "StoreFailed",
     "Unauthorized",
     "UriTooLong",
     "error_response",
@@ -115,12 +117,22 @@ class ServiceUnavailable(ServiceError):
     status, type = 503, ErrorType.UNAVAILABLE
 
 
+class StoreFailed(ServiceError):
+    """The upstream answered, but the database refused to keep what came back."""
+
+    status, type = 502, ErrorType.STORE_ERROR
+
+
+class DatabaseUnavailable(ServiceError):
+    status, type = 503, "database_unavailable"
+
+
 class GatewayTimeout(ServiceError):
     status, type = 504, ErrorType.DEADLINE_EXCEEDED
 
 
 _BY_ERROR_TYPE: dict[str, type[ServiceError]] = {
-    cls.type: cls for cls in (BadGateway, GatewayTimeout, ServiceUnavailable)
+    cls.type: cls for cls in (BadGateway, GatewayTimeout, ServiceUnavailable, StoreFailed)
 }
 
 
@@ -177,7 +189,7 @@ _REASONS = {
     414: "Query string too long",
     422: "Invalid input",
     429: "Rate limit exceeded (see Retry-After)",
-    502: "The LLM upstream failed",
+    502: "The LLM upstream failed, or its answer could not be stored",
     503: "Database, rate-limit store or LLM provider unavailable",
     504: "The LLM deadline passed",
 }
@@ -221,7 +233,7 @@ async def _database_error(_: Request, exc: Exception) -> JSONResponse:
 
     metrics.DATABASE_ERRORS.inc()
     log.error("database error: %s", exc.__class__.__name__)
-    return error_response(503, "database_unavailable", "the database is not reachable now")
+    return DatabaseUnavailable("the database is not reachable now").response()
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -57,26 +57,30 @@ def migrate(settings: Settings, *, wait_s: float = 0) -> None:
 
 
 def recover(settings: Settings) -> None:
-    """Before serving: tasks left pending by a process that died are failed, never stuck."""
-    from reasoning_agent.runners import maintenance
+    """Before serving: the tasks of this host's processes that died are failed (a request's)
+    or queued again (a background one's), never left stuck."""
     from reasoning_agent.storage.db import Database
-    from reasoning_agent.tasks.repository import TaskRepository
+    from reasoning_agent.tasks.repository import Swept, TaskRepository
 
-    async def run() -> int:
+    async def run() -> Swept:
         database = Database(settings.database_url.get_secret_value())
         try:
-            return await maintenance.sweep(
-                TaskRepository(database), deadline_s=settings.llm_timeout_s, arq=settings.uses_arq
-            )
+            return await TaskRepository(database).sweep()
         finally:
             await database.aclose()
 
     try:
-        failed = asyncio.run(run())
+        swept = asyncio.run(run())
     except Exception as exc:
         raise ConfigError(f"DATABASE_URL: cannot check for interrupted tasks: {exc}") from None
-    if failed:
-        print(f"reasoning-agent: marked {failed} interrupted task(s) as failed", file=sys.stderr)
+    if swept.failed:
+        print(
+            f"reasoning-agent: marked {swept.failed} interrupted task(s) as failed", file=sys.stderr
+        )
+    if swept.requeued:
+        print(
+            f"reasoning-agent: queued {swept.requeued} interrupted task(s) again", file=sys.stderr
+        )
 
 
 def serve(settings: Settings, *, reload: bool = False) -> None:

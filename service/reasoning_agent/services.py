@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -80,6 +82,8 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         store_text=settings.store_prompts,
         max_prompt_chars=settings.max_prompt_chars,
     )
+    # Every lease this process holds, renewed until the end, the drain included.
+    renewing = asyncio.create_task(tasks.leases.renew_forever(), name="renew-leases")
     try:
         yield Services(
             settings=settings,
@@ -90,6 +94,9 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             tasks=tasks,
         )
     finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
         await runner.aclose()
         await provider.aclose()
         await limiter.aclose()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -390,3 +392,55 @@ def test_an_answer_the_database_cannot_store_as_sent_is_stored_made_safe(
         assert task["usage"]["prompt_tokens"] == 2**31 - 1
         assert task["usage"]["completion_tokens"] == 2**31 - 1
         assert client.get(f"/task/{task['id']}").json() == task
+
+
+@contextlib.contextmanager
+def refusing_answers_with(url: str, marker: str) -> Iterator[None]:
+    """A database that refuses to store any answer holding `marker`, as a constraint would."""
+    name = f"refuse_{marker}"
+    if url.startswith("sqlite"):
+        query(
+            url,
+            f"CREATE TRIGGER {name} BEFORE UPDATE ON tasks WHEN NEW.answer LIKE '%{marker}%' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        drop = [f"DROP TRIGGER {name}"]
+    else:
+        query(
+            url,
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.answer LIKE '%{marker}%' THEN RAISE EXCEPTION 'refused'; END IF; "
+            "RETURN NEW; END $$",
+        )
+        query(
+            url,
+            f"CREATE TRIGGER {name} BEFORE UPDATE ON tasks FOR EACH ROW EXECUTE FUNCTION {name}()",
+        )
+        drop = [f"DROP TRIGGER {name} ON tasks", f"DROP FUNCTION {name}()"]
+    try:
+        yield
+    finally:
+        for statement in drop:
+            query(url, statement)
+
+
+def test_an_answer_the_database_refuses_fails_its_task_with_store_error(
+    shared_app: InProcessApp, fake_llm: FakeOpenAI
+) -> None:
+    """The row never stays pending while the database answers: the task fails with
+    `store_error`, and the caller gets 502 with the task's id (its replay too)."""
+    marker = uuid.uuid4().hex
+    headers = {"Idempotency-Key": marker}
+    with refusing_answers_with(shared_app.database_url, marker), shared_app.client() as client:
+        response = client.post("/task", json={"prompt": marker}, headers=headers)
+        again = client.post("/task", json={"prompt": marker}, headers=headers)
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["type"] == "store_error"
+    assert error["message"] == "the database refused to store the upstream's answer"
+    assert again.status_code == 502 and again.json() == response.json()
+    rows = query(
+        shared_app.database_url,
+        f"SELECT status, error_type, answer FROM tasks WHERE id = '{error['task_id']}'",
+    )
+    assert rows == [("failed", "store_error", None)]

@@ -3,12 +3,14 @@ submission becomes, background runs through the same service, and how failures a
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
@@ -27,6 +29,7 @@ from reasoning_agent.llm import (
     NotConfigured,
     UpstreamError,
 )
+from reasoning_agent.tasks.leases import MAX_TRIES
 from reasoning_agent.tasks.schemas import TaskIn
 from reasoning_agent.tasks.service import TaskService, Verdict
 from reasoning_agent.tasks.status import ErrorType, TaskStatus
@@ -154,6 +157,46 @@ def test_cancelling_while_the_queue_is_unreachable_answers_with_the_cancelled_ta
     assert query(url, "SELECT status FROM tasks") == [("cancelled",)]
 
 
+def test_the_sweep_enqueues_lost_jobs_again_and_fails_those_out_of_tries(
+    upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Due queued tasks are looked for in Redis: a live job is left to run, a lost one is
+    enqueued again, and one that has used its tries fails rather than loop forever."""
+    import redis
+
+    url = new_database(tmp_path)
+    env = base_env(upstream, url) | {"REDIS_URL": redis_url(), "TASK_RUNNER": "arq"}
+    store = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        with running(env) as app:
+            service = tasks_of(app)
+
+            async def store_three() -> dict[str, str]:
+                ids = {}
+                for prompt in ("waiting", "lost", "spent"):
+                    task, _ = await new_task(
+                        service.repository, prompt=prompt, status=TaskStatus.QUEUED
+                    )
+                    ids[prompt] = task.id
+                await service.runner.submit(ids["waiting"])  # its job is in Redis
+                return ids
+
+            ids = app.run(store_three)
+            query(url, "UPDATE tasks SET lease_until = created_at")  # all due for a look
+            query(url, f"UPDATE tasks SET tries = {MAX_TRIES} WHERE prompt = 'spent'")
+            app.run(service.sweep)  # (the app's own sweep at start may get there first)
+            live = app.run(service.runner.alive, list(ids.values()))
+            due = app.run(lambda: service.repository.due_queued(limit=10))
+            rows = dict(query(url, "SELECT prompt, status FROM tasks"))
+    finally:
+        store.delete(*(f"arq:job:{task_id}" for task_id in ids.values()))
+        store.close()
+        drop_database(url)
+    assert live == {ids["waiting"], ids["lost"]}
+    assert due == []  # looked at: the next look is QUEUE_CHECK_S away
+    assert rows == {"waiting": "queued", "lost": "queued", "spent": "failed"}
+
+
 def test_store_prompts_false_gives_the_caller_its_text_and_the_database_none(
     upstream: FakeOpenAI, fake_llm: FakeOpenAI, tmp_path
 ) -> None:
@@ -236,29 +279,57 @@ def test_a_stored_error_type_the_api_does_not_answer_with_replays_as_a_bad_gatew
         assert for_error_type(stored) is BadGateway
 
 
-@pytest.mark.database_agnostic  # its own PostgreSQL, whichever pass runs it
-def test_an_answer_survives_the_database_going_away_while_the_llm_thinks(
-    upstream: FakeOpenAI, fake_llm: FakeOpenAI, tmp_path
-) -> None:
-    """The final write is retried for a few seconds: the answer it records is paid for."""
+@contextlib.contextmanager
+def asking_over_own_postgres(
+    upstream: FakeOpenAI, fake_llm: FakeOpenAI, prompt: str
+) -> Iterator[tuple[OwnPostgres, Future[httpx.Response]]]:
+    """POST /task to an app on a PostgreSQL of its own, given back once the row is stored and
+    the call is on its way to the LLM, with the response to come."""
     postgres = OwnPostgres().start()
     try:
-        fake_llm.default_delay = 1.0
         env = base_env(upstream, postgres.url) | {"REDIS_URL": redis_url(), "TASK_RUNNER": "arq"}
         with running(env) as app, app.client() as client, ThreadPoolExecutor(1) as pool:
-            answering = pool.submit(client.post, "/task", json={"prompt": "outlive a restart"})
+            answering = pool.submit(client.post, "/task", json={"prompt": prompt})
             deadline = time.monotonic() + 10
-            while fake_llm.calls == 0:  # stored, and on its way to the LLM
+            while fake_llm.calls == 0:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-            postgres.stop()
-            time.sleep(2.0)  # down when the answer comes back
-            postgres.start()
-            response = answering.result(timeout=30)
-            assert response.status_code == 200, response.text
-            assert response.json()["answer"] == "fake answer to: outlive a restart"
-        assert query(postgres.url, "SELECT status, answer FROM tasks") == [
-            ("completed", "fake answer to: outlive a restart")
-        ]
+            yield postgres, answering
     finally:
         postgres.close()
+
+
+@pytest.mark.database_agnostic  # its own PostgreSQL, whichever pass runs it
+def test_an_answer_survives_the_database_going_away_while_the_llm_thinks(
+    upstream: FakeOpenAI, fake_llm: FakeOpenAI
+) -> None:
+    """The final write is retried for a few seconds: the answer it records is paid for."""
+    fake_llm.default_delay = 1.0
+    prompt = "outlive a restart"
+    with asking_over_own_postgres(upstream, fake_llm, prompt) as (postgres, answering):
+        postgres.stop()
+        time.sleep(2.0)  # down when the answer comes back
+        postgres.start()
+        response = answering.result(timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["answer"] == f"fake answer to: {prompt}"
+        rows = query(postgres.url, "SELECT status, answer FROM tasks")
+    assert rows == [("completed", f"fake answer to: {prompt}")]
+
+
+@pytest.mark.database_agnostic  # its own PostgreSQL, whichever pass runs it
+def test_an_answer_whose_database_stays_away_is_a_503_that_names_the_task(
+    upstream: FakeOpenAI, fake_llm: FakeOpenAI
+) -> None:
+    """Past the final write's retries the caller learns which task lost its outcome; the
+    row is left to its lease, so the sweep fails it once the database is back."""
+    fake_llm.default_delay = 0.5
+    with asking_over_own_postgres(upstream, fake_llm, "outlive nothing") as (postgres, answering):
+        postgres.stop()
+        response = answering.result(timeout=30)
+        postgres.start()
+        rows = query(postgres.url, "SELECT id, status FROM tasks")
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["type"] == "database_unavailable"
+    assert rows == [(error["task_id"], "pending")]

@@ -7,10 +7,9 @@ import contextlib
 import json
 from typing import Any
 
-__all__ = ["CODEC", "MAX_TRIES", "QUEUE", "ArqRunner", "deserialize", "serialize"]
+__all__ = ["CODEC", "QUEUE", "ArqRunner", "deserialize", "serialize"]
 
 QUEUE = "reasoning-agent:tasks"
-MAX_TRIES = 3  # runs of one background task, when the workers running it die
 
 
 def serialize(data: dict[str, Any]) -> bytes:
@@ -57,6 +56,18 @@ class ArqRunner:
         job = Job(task_id, await self._connected(), _queue_name=QUEUE, _deserializer=deserialize)
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await job.abort(timeout=0.1, poll_delay=0.05)
+
+    async def alive(self, task_ids: list[str]) -> set[str]:
+        """A job lives while its key does: arq deletes it when the job ends, and a Redis
+        without persistence (or evicting keys) may lose it before."""
+        from arq.constants import in_progress_key_prefix, job_key_prefix
+
+        pool = await self._connected()
+        async with pool.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.exists(job_key_prefix + task_id, in_progress_key_prefix + task_id)
+            found = await pipe.execute()
+        return {task_id for task_id, count in zip(task_ids, found, strict=True) if count}
 
     async def aclose(self) -> None:
         if self._pool is not None:

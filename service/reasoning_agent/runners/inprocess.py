@@ -60,6 +60,9 @@ class InProcessRunner:
         if job is not None:
             job.cancel()
 
+    async def alive(self, task_ids: list[str]) -> set[str]:
+        return {task_id for task_id in task_ids if task_id in self._running}
+
     async def aclose(self) -> None:
         for job in list(self._running.values()):
             job.cancel()

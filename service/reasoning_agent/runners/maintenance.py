@@ -1,4 +1,5 @@
-"""Upkeep of the tasks table: failing tasks whose process died, and deleting expired ones."""
+"""Upkeep of the tasks table: freeing the tasks of processes that died, and deleting expired
+ones."""
 
 from __future__ import annotations
 
@@ -10,44 +11,44 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from reasoning_agent.runners.arq import MAX_TRIES
 from reasoning_agent.storage.db import Database
-from reasoning_agent.tasks.repository import TaskRepository
+from reasoning_agent.tasks.leases import LEASE_S
+from reasoning_agent.tasks.repository import Swept, TaskRepository
+from reasoning_agent.tasks.service import TaskService
 
-__all__ = ["horizons", "purge", "purge_forever", "sweep", "sweep_forever"]
+__all__ = ["SWEEP_S", "purge", "purge_forever", "sweep", "sweep_forever"]
 
 log = logging.getLogger(__name__)
 
+SWEEP_S = LEASE_S  # a dead process's tasks are freed within two leases
 _LOCK = 74_201_002  # one replica at a time on PostgreSQL
 _BATCH = 500
 _PAUSE_S = 0.05  # between batches, so requests get the database in between
 
 
-def horizons(deadline_s: float, *, arq: bool) -> dict[str, timedelta]:
-    """How long a `pending` and a `running` task may live before its process must be dead.
-    A request or an in-process job ends by the deadline; an arq job may be handed out again
-    (its claim lasts job_timeout + 10 s) up to MAX_TRIES times."""
-    request = timedelta(seconds=deadline_s + 5)
-    retries = timedelta(seconds=MAX_TRIES * (deadline_s + 5 + 10) + 15)
-    return {"pending_after": request, "running_after": retries if arq else request}
+async def sweep(tasks: TaskService) -> Swept:
+    """Fail or queue again what dead processes held, and give lost jobs back to the runner."""
+    swept = await tasks.sweep()
+    if swept.failed or swept.requeued or swept.resubmitted:
+        log.warning(
+            "swept the tasks of stopped processes",
+            extra={
+                "failed": swept.failed,
+                "requeued": swept.requeued,
+                "resubmitted": swept.resubmitted,
+            },
+        )
+    return swept
 
 
-async def sweep(repository: TaskRepository, *, deadline_s: float, arq: bool) -> int:
-    """Fail tasks left `pending` or `running` by a process that died; how many."""
-    failed = await repository.fail_interrupted(**horizons(deadline_s, arq=arq))
-    if failed:
-        log.warning("marked interrupted tasks as failed", extra={"failed": failed})
-    return failed
-
-
-async def sweep_forever(repository: TaskRepository, *, deadline_s: float, arq: bool) -> None:
-    """Sweep once a minute, or once a deadline when that is shorter."""
+async def sweep_forever(tasks: TaskService) -> None:
+    """Sweep now and every SWEEP_S."""
     while True:
-        await asyncio.sleep(min(60.0, deadline_s))
         try:
-            await sweep(repository, deadline_s=deadline_s, arq=arq)
+            await sweep(tasks)
         except Exception as exc:
             log.error("sweep failed: %s", exc.__class__.__name__)
+        await asyncio.sleep(SWEEP_S)
 
 
 async def purge(database: Database, *, older_than: timedelta, batch: int = _BATCH) -> int | None:

@@ -12,9 +12,9 @@ from typing import Any
 from reasoning_agent.config import ConfigError, Settings
 from reasoning_agent.observability import logs, telemetry
 from reasoning_agent.runners import maintenance
-from reasoning_agent.runners.arq import CODEC, MAX_TRIES, QUEUE
+from reasoning_agent.runners.arq import CODEC, QUEUE
 from reasoning_agent.services import Services, build_services
-from reasoning_agent.tasks.status import TaskStatus
+from reasoning_agent.tasks.leases import MAX_TRIES
 
 __all__ = ["HEARTBEAT_S", "check", "run", "worker_settings"]
 
@@ -80,17 +80,16 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         if not isinstance(task_id, str):  # a job from Redis is input like any other
             raise TypeError("run_task takes a task id")
         services: Services = ctx["services"]
-        # `running` too: arq runs a job again only after the worker that had it is gone.
-        await services.tasks.run(task_id, statuses=(TaskStatus.QUEUED, TaskStatus.RUNNING))
+        await services.tasks.run(task_id)
 
     async def sweep(ctx: dict[str, Any]) -> None:
-        """Fail what outlived every retry: nothing stays `running` forever."""
+        """Free what dead workers held and re-enqueue lost jobs: nothing stays unfinished."""
         services: Services = ctx["services"]
-        await maintenance.sweep(services.tasks.repository, deadline_s=deadline, arq=True)
+        await maintenance.sweep(services.tasks)
 
     return {
         "functions": [func(run_task, name="run_task", max_tries=MAX_TRIES)],
-        "cron_jobs": [cron(sweep, second={0}, run_at_startup=True)],
+        "cron_jobs": [cron(sweep, second={0, 30}, run_at_startup=True)],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url.get_secret_value()),

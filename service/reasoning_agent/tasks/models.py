@@ -89,6 +89,11 @@ class Task(Base):
     trace_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Who works on an unfinished task, and until when that claim holds without renewal.
+    holder: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    tries: Mapped[int] = mapped_column(Integer, default=0)  # background runs started
 
     __table_args__ = (
         Index("ix_tasks_owner_created", "owner", "created_at", "id"),

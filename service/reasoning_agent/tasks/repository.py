@@ -8,6 +8,7 @@ import binascii
 import functools
 import hashlib
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,20 +28,38 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.attributes import set_committed_value
 
 from reasoning_agent.llm.base import LLMResult
 from reasoning_agent.storage.db import Database
+from reasoning_agent.tasks.leases import LEASE_S, MAX_TRIES, QUEUE_CHECK_S, dead_here, holder_name
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.status import ErrorType, TaskStatus
 
-__all__ = ["InvalidCursor", "Page", "TaskRepository", "sha256", "storable"]
+__all__ = [
+    "InvalidCursor",
+    "OutcomeNotStored",
+    "Page",
+    "Swept",
+    "TaskRepository",
+    "sha256",
+    "storable",
+]
 
 
 class InvalidCursor(ValueError):
     """A cursor that this service did not make."""
+
+
+class OutcomeNotStored(Exception):
+    """A task's final write failed: refused by the database, or (`reachable` False) still
+    unreachable after FINAL_WRITE_RETRY_S."""
+
+    def __init__(self, cause: Exception, *, reachable: bool) -> None:
+        super().__init__(cause.__class__.__name__)
+        self.reachable = reachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +68,26 @@ class Page:
     next_cursor: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What a sweep did with the tasks of processes that are gone."""
+
+    failed: int
+    requeued: int  # running tasks put back in the queue
+    resubmitted: int = 0  # queued tasks whose lost job was given to the runner again
+
+
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # What a database that is restarting or failing over raises; a retry may succeed.
-_TRANSIENT = (OperationalError, InterfaceError, PoolTimeout, ConnectionError)
+_TRANSIENT = (OperationalError, InterfaceError, PoolTimeout, ConnectionError, socket.gaierror)
 FINAL_WRITE_RETRY_S = 5.0
+LEGACY_HORIZON = timedelta(hours=1)  # for unfinished rows written before leases existed
+_UNFINISHED = (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING)
+INTERRUPTED = "interrupted: the service stopped before the answer came"
+GAVE_UP = f"interrupted: the processes running it stopped {MAX_TRIES} times"
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_COUNT = 2**31 - 1  # the token columns are 32-bit on PostgreSQL
@@ -83,18 +115,25 @@ _INSERT = insert(_TASKS)
 
 
 @functools.cache
-def _update(columns: tuple[str, ...], *, conditional: bool) -> Update:
+def _update(columns: tuple[str, ...], *, conditional: bool, held: bool) -> Update:
     stmt = update(_TASKS).where(_TASKS.c.id == bindparam("task_id"))
     if conditional:  # a cancellation in between wins
         stmt = stmt.where(_TASKS.c.status == bindparam("expect"))
+    if held:  # and so does another process that took over a lease this one let lapse
+        stmt = stmt.where(_TASKS.c.holder == bindparam("held_by"))
     return stmt.values({name: bindparam(name) for name in columns})
 
 
 class TaskRepository:
-    """The tasks of every owner; a task is only ever read back by the owner that made it."""
+    """The tasks of every owner; a task is only ever read back by the owner that made it.
+    Unfinished tasks this process works on are leased in its name (`holder`)."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(
+        self, database: Database, *, holder: str | None = None, lease_s: float = LEASE_S
+    ) -> None:
         self._database = database
+        self.holder = holder or holder_name()
+        self.lease_s = lease_s
 
     async def create(
         self,
@@ -118,6 +157,9 @@ class TaskRepository:
             earlier = await self._by_idempotency_key(owner, idempotency_key)
             if earlier is not None:
                 return earlier, False
+        now = datetime.now(UTC)
+        # A request holds its pending task; a queued one is the runner's, checked on later.
+        pending = status is TaskStatus.PENDING
         values: dict[str, Any] = {
             "id": uuid.uuid4().hex,
             "owner": owner,
@@ -134,7 +176,11 @@ class TaskRepository:
             "metadata": metadata,
             "attempts": 0,
             "trace_id": trace_id,
-            "created_at": datetime.now(UTC),
+            "created_at": now,
+            "holder": self.holder if pending else None,
+            "lease_until": now + timedelta(seconds=self.lease_s if pending else QUEUE_CHECK_S),
+            "started_at": None,
+            "tries": 0,
         }
         try:
             await self._database.write(_INSERT, values)
@@ -158,7 +204,7 @@ class TaskRepository:
         expect: TaskStatus | None = None,
     ) -> bool:
         """Record the answer, made storable (an upstream's bytes must not lose a paid answer);
-        with `expect`, only if the task is still in that status."""
+        with `expect`, only if the task is still in that status (and, running, ours)."""
         answer = storable(result.answer)
         values = {
             "status": TaskStatus.COMPLETED,
@@ -185,7 +231,7 @@ class TaskRepository:
         expect: TaskStatus | None = None,
     ) -> bool:
         """Record why there is no answer; with `expect`, only if the task is still in that
-        status."""
+        status (and, running, ours)."""
         values = {
             "status": TaskStatus.FAILED,
             "error_type": error_type,
@@ -198,13 +244,21 @@ class TaskRepository:
 
     async def _finish(self, task: Task, values: dict[str, Any], expect: TaskStatus | None) -> bool:
         params = {**values, "task_id": task.id}
+        held = expect is TaskStatus.RUNNING
         if expect is not None:
             params["expect"] = expect
-        statement = _update(tuple(values), conditional=expect is not None)
+        if held:
+            params["held_by"] = self.holder
+        statement = _update(tuple(values), conditional=expect is not None, held=held)
         try:
-            changed = await self._database.write(statement, params)
-        except _TRANSIENT:
-            changed = await self._write_again(statement, params)
+            try:
+                changed = await self._database.write(statement, params)
+            except _TRANSIENT:
+                changed = await self._write_again(statement, params)
+        except _TRANSIENT as exc:
+            raise OutcomeNotStored(exc, reachable=False) from exc
+        except (StatementError, OSError) as exc:  # the database refused it
+            raise OutcomeNotStored(exc, reachable=True) from exc
         if changed:
             for name, value in values.items():
                 set_committed_value(task, name, value)
@@ -223,18 +277,44 @@ class TaskRepository:
                     raise
                 pause = min(pause * 2, 1.0)
 
-    async def claim(self, task_id: str, *, statuses: tuple[TaskStatus, ...]) -> Task | None:
-        """Move a task to `running` if it is in one of `statuses`; None if someone else has it."""
+    async def claim(self, task_id: str) -> Task | None:
+        """Take a background task to run: a queued one, or a running one whose holder let its
+        lease lapse. None if it is cancelled, finished, or held by a live process."""
+        now = datetime.now(UTC)
         async with self._database.sessions() as session:
             result = await session.execute(
                 update(Task)
-                .where(Task.id == task_id, Task.status.in_(statuses))
-                .values(status=TaskStatus.RUNNING)
+                .where(
+                    Task.id == task_id,
+                    or_(
+                        Task.status == TaskStatus.QUEUED,
+                        and_(Task.status == TaskStatus.RUNNING, _lapsed(now)),
+                    ),
+                )
+                .values(
+                    status=TaskStatus.RUNNING,
+                    holder=self.holder,
+                    lease_until=now + timedelta(seconds=self.lease_s),
+                    started_at=now,
+                    tries=Task.tries + 1,
+                )
             )
             await session.commit()
             if not _rowcount(result):
                 return None
             return await session.get(Task, task_id, populate_existing=True)
+
+    async def renew(self, task_ids: list[str]) -> int:
+        """Extend this process's leases on these tasks; how many it still holds."""
+        return await self._commit_rows(
+            update(Task)
+            .where(
+                Task.id.in_(task_ids),
+                Task.holder == self.holder,
+                Task.status.in_((TaskStatus.PENDING, TaskStatus.RUNNING)),
+            )
+            .values(lease_until=datetime.now(UTC) + timedelta(seconds=self.lease_s))
+        )
 
     async def cancel(self, owner: str, task_id: str) -> bool:
         """Cancel the owner's task if it is queued or running; False if it had already ended."""
@@ -255,31 +335,97 @@ class TaskRepository:
         return bool(changed)
 
     async def requeue(self, task_ids: list[str]) -> int:
-        """Put running tasks back in the queue (their process is stopping); how many."""
+        """Put this process's running tasks back in the queue (it is stopping); how many."""
         if not task_ids:
             return 0
         return await self._commit_rows(
             update(Task)
-            .where(Task.id.in_(task_ids), Task.status == TaskStatus.RUNNING)
-            .values(status=TaskStatus.QUEUED)
+            .where(
+                Task.id.in_(task_ids),
+                Task.status == TaskStatus.RUNNING,
+                Task.holder == self.holder,
+            )
+            .values(status=TaskStatus.QUEUED, holder=None, lease_until=datetime.now(UTC))
         )
 
-    async def fail_interrupted(self, *, pending_after: timedelta, running_after: timedelta) -> int:
-        """Fail tasks unfinished for longer than any live process could take: theirs is gone."""
+    async def sweep(self) -> Swept:
+        """Free the tasks of processes that are gone (lease lapsed, or dead on this host): a
+        request's pending task fails, since its caller is gone with it; a background one is
+        queued again, due for a runner at once, until it has been tried MAX_TRIES times."""
         now = datetime.now(UTC)
-        return await self._commit_rows(
-            update(Task)
-            .where(
-                or_(
-                    and_(Task.status == TaskStatus.PENDING, Task.created_at < now - pending_after),
-                    and_(Task.status == TaskStatus.RUNNING, Task.created_at < now - running_after),
+        async with self._database.sessions() as session:
+            holders = await session.scalars(
+                select(Task.holder)
+                .where(Task.status.in_(_UNFINISHED), Task.holder.is_not(None))
+                .distinct()
+            )
+            dead = [h for h in holders if h is not None and dead_here(h, me=self.holder)]
+            freed = or_(_lapsed(now), Task.holder.in_(dead))
+            failed = 0
+            for which, message in (
+                (Task.status == TaskStatus.PENDING, INTERRUPTED),
+                (and_(Task.status == TaskStatus.RUNNING, Task.tries >= MAX_TRIES), GAVE_UP),
+            ):
+                result = await session.execute(
+                    update(Task)
+                    .where(freed, which)
+                    .values(
+                        status=TaskStatus.FAILED,
+                        error_type=ErrorType.INTERRUPTED,
+                        error=message,
+                        holder=None,
+                        completed_at=now,
+                    )
+                )
+                failed += _rowcount(result)
+            requeued = _rowcount(
+                await session.execute(
+                    update(Task)
+                    .where(freed, Task.status == TaskStatus.RUNNING)
+                    .values(status=TaskStatus.QUEUED, holder=None, lease_until=now)
                 )
             )
+            await session.execute(  # queued before leases existed: due for a check now
+                update(Task)
+                .where(Task.status == TaskStatus.QUEUED, Task.lease_until.is_(None))
+                .values(lease_until=now)
+            )
+            await session.commit()
+        return Swept(failed=failed, requeued=requeued)
+
+    async def due_queued(self, *, limit: int) -> list[tuple[str, int]]:
+        """Queued tasks whose job is due to be looked for in the runner, with their tries."""
+        stmt = (
+            select(Task.id, Task.tries)
+            .where(Task.status == TaskStatus.QUEUED, Task.lease_until <= datetime.now(UTC))
+            .order_by(Task.lease_until)
+            .limit(limit)
+        )
+        async with self._database.sessions() as session:
+            return [(task_id, tries) for task_id, tries in (await session.execute(stmt)).all()]
+
+    async def check_later(self, task_ids: list[str]) -> int:
+        """Look for these queued tasks' jobs again in QUEUE_CHECK_S."""
+        if not task_ids:
+            return 0
+        return await self._commit_rows(
+            update(Task)
+            .where(Task.id.in_(task_ids), Task.status == TaskStatus.QUEUED)
+            .values(lease_until=datetime.now(UTC) + timedelta(seconds=QUEUE_CHECK_S))
+        )
+
+    async def give_up(self, task_ids: list[str]) -> int:
+        """Fail queued tasks that have used up their tries; how many."""
+        if not task_ids:
+            return 0
+        return await self._commit_rows(
+            update(Task)
+            .where(Task.id.in_(task_ids), Task.status == TaskStatus.QUEUED)
             .values(
                 status=TaskStatus.FAILED,
                 error_type=ErrorType.INTERRUPTED,
-                error="interrupted: the service stopped before the answer came",
-                completed_at=now,
+                error=GAVE_UP,
+                completed_at=datetime.now(UTC),
             )
         )
 
@@ -351,6 +497,14 @@ class TaskRepository:
             result = await session.execute(statement)
             await session.commit()
         return _rowcount(result)
+
+
+def _lapsed(now: datetime) -> Any:
+    """A lease nobody renewed in time; rows from before leases get LEGACY_HORIZON."""
+    return or_(
+        Task.lease_until < now,
+        and_(Task.lease_until.is_(None), Task.created_at < now - LEGACY_HORIZON),
+    )
 
 
 def _rowcount(result: Any) -> int:

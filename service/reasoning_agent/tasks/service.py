@@ -4,6 +4,7 @@ recorded and counted. Routes and background runners both come through here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -13,10 +14,13 @@ from enum import StrEnum
 
 from reasoning_agent.errors import (
     Conflict,
+    DatabaseUnavailable,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    ServiceError,
     ServiceUnavailable,
+    StoreFailed,
     for_error_type,
     for_llm_error,
 )
@@ -24,10 +28,13 @@ from reasoning_agent.llm.agent import ReasoningAgent
 from reasoning_agent.llm.base import LLMError, LLMResult
 from reasoning_agent.observability import metrics
 from reasoning_agent.runners.base import Runner
+from reasoning_agent.tasks.leases import MAX_TRIES, Leases
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.repository import (
     InvalidCursor,
+    OutcomeNotStored,
     Page,
+    Swept,
     TaskRepository,
     sha256,
     storable,
@@ -81,6 +88,7 @@ class TaskService:
         max_prompt_chars: int,
     ) -> None:
         self.repository = repository
+        self.leases = Leases(repository)
         self.agent = agent
         self.runner = runner
         self._store_text = store_text
@@ -153,10 +161,11 @@ class TaskService:
     async def _answer_now(self, task: Task, body: TaskIn) -> Submitted:
         started = time.monotonic()
         try:
-            # The texts from the request: with STORE_PROMPTS=false the row has none.
-            outcome = await self._ask(task, prompt=body.prompt, system=body.system)
-            metrics.note_llm_seconds(outcome.seconds)  # for the request's overhead histogram
-            await self._record(task, outcome)
+            with self.leases.holding(task.id):
+                # The texts from the request: with STORE_PROMPTS=false the row has none.
+                outcome = await self._ask(task, prompt=body.prompt, system=body.system)
+                metrics.note_llm_seconds(outcome.seconds)  # for the request's overhead histogram
+                await self._record(task, outcome)
         except asyncio.CancelledError:
             await asyncio.shield(
                 self.repository.fail(
@@ -190,24 +199,41 @@ class TaskService:
             raise error(task.error or "the task failed", extra={"task_id": task.id})
         return Submitted(task, Verdict.REPLAYED)
 
-    async def run(
-        self, task_id: str, *, statuses: tuple[TaskStatus, ...] = (TaskStatus.QUEUED,)
-    ) -> None:
+    async def run(self, task_id: str) -> None:
         """Claim one background task and answer it; one cancelled meanwhile stays cancelled."""
-        task = await self.repository.claim(task_id, statuses=statuses)
+        task = await self.repository.claim(task_id)
         if task is None:
-            return  # cancelled, finished, or another process has it
+            return  # cancelled, finished, or a live process has it
         assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
-        outcome = await self._ask(task, prompt=task.prompt, system=task.system)
-        await self._record(task, outcome, expect=TaskStatus.RUNNING)
+        with self.leases.holding(task.id):
+            outcome = await self._ask(task, prompt=task.prompt, system=task.system)
+            try:
+                await self._record(task, outcome, expect=TaskStatus.RUNNING)
+            except ServiceError as exc:  # recorded as far as the database allowed
+                log.error("background task %s: %s", task.id, exc.message)
 
     async def resume(self) -> int:
-        """Hand the runner what a stopped process left queued. (A `running` one may belong to
-        a live sibling worker; the sweep fails it once it is past the deadline.)"""
+        """Hand the runner what a stopped process left queued."""
         ids = await self.repository.unfinished_ids(statuses=(TaskStatus.QUEUED,))
         for task_id in ids:
             await self.runner.submit(task_id)
         return len(ids)
+
+    async def sweep(self, *, batch: int = 500) -> Swept:
+        """Free what dead processes held, then look for each due queued task's job: a lost
+        one (Redis evicted it, a process died with it) goes to the runner again, until its
+        tries are used up."""
+        swept = await self.repository.sweep()
+        due = await self.repository.due_queued(limit=batch)
+        live = await self.runner.alive([task_id for task_id, _ in due])
+        lost = [(task_id, tries) for task_id, tries in due if task_id not in live]
+        spent = [task_id for task_id, tries in lost if tries >= MAX_TRIES]
+        again = [task_id for task_id, tries in lost if tries < MAX_TRIES]
+        for task_id in again:
+            await self.runner.submit(task_id)
+        await self.repository.check_later([task_id for task_id, _ in due if task_id not in spent])
+        failed = await self.repository.give_up(spent)
+        return Swept(failed=swept.failed + failed, requeued=swept.requeued, resubmitted=len(again))
 
     async def get(self, owner: str, task_id: str) -> Task:
         task = await self.repository.get(owner, task_id)
@@ -282,14 +308,17 @@ class TaskService:
         if outcome.error is not None:
             error_type = outcome.error.code
             metrics.LLM_CALLS.labels(provider, model, error_type).inc()
-            failed = await self.repository.fail(
-                task,
-                error_type=error_type,
-                message=str(outcome.error),
-                attempts=outcome.error.attempts,
-                latency_ms=latency_ms,
-                expect=expect,
-            )
+            try:
+                failed = await self.repository.fail(
+                    task,
+                    error_type=error_type,
+                    message=str(outcome.error),
+                    attempts=outcome.error.attempts,
+                    latency_ms=latency_ms,
+                    expect=expect,
+                )
+            except OutcomeNotStored as exc:
+                raise await self._not_stored(task, exc, outcome, expect=expect) from None
             if failed:
                 metrics.TASKS.labels(TaskStatus.FAILED).inc()
             return
@@ -298,8 +327,37 @@ class TaskService:
         metrics.LLM_CALLS.labels(provider, model, "ok").inc()
         metrics.TOKENS.labels(task.owner, "input").inc(result.prompt_tokens or 0)
         metrics.TOKENS.labels(task.owner, "output").inc(result.completion_tokens or 0)
-        done = await self.repository.complete(
-            task, result, latency_ms=latency_ms, store_text=self._store_text, expect=expect
-        )
+        try:
+            done = await self.repository.complete(
+                task, result, latency_ms=latency_ms, store_text=self._store_text, expect=expect
+            )
+        except OutcomeNotStored as exc:
+            raise await self._not_stored(task, exc, outcome, expect=expect) from None
         if done:
             metrics.TASKS.labels(TaskStatus.COMPLETED).inc()
+
+    async def _not_stored(
+        self, task: Task, exc: OutcomeNotStored, outcome: _Outcome, *, expect: TaskStatus | None
+    ) -> ServiceError:
+        """The outcome's write failed: a database that still answers records a `store_error`
+        instead, so no task it can reach stays unfinished. The error to answer with."""
+        metrics.DATABASE_ERRORS.inc()
+        log.error("could not store the outcome of task %s: %s", task.id, exc)
+        extra = {"task_id": task.id}
+        if exc.reachable:
+            message = "the database refused to store the upstream's answer"
+            attempts = outcome.result.attempts if outcome.result else 0
+            with contextlib.suppress(OutcomeNotStored):
+                if await self.repository.fail(
+                    task,
+                    error_type=ErrorType.STORE_ERROR,
+                    message=message,
+                    attempts=outcome.error.attempts if outcome.error else attempts,
+                    latency_ms=round(outcome.seconds * 1000, 2),
+                    expect=expect,
+                ):
+                    metrics.TASKS.labels(TaskStatus.FAILED).inc()
+                return StoreFailed(message, extra=extra)
+        return DatabaseUnavailable(
+            "the database is not reachable now: the task's outcome was not stored", extra=extra
+        )

@@ -26,4 +26,5 @@ class ErrorType(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
     INTERRUPTED = "interrupted"
+    STORE_ERROR = "store_error"
     CANCELLED = "cancelled"
