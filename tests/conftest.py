@@ -75,11 +75,12 @@ def start_service(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[StartService
     started: list[Service] = []
     databases: list[str] = []
 
-    def start(**env: str) -> Service:
+    def start(*, open_files: int | None = None, **env: str) -> Service:
         if "DATABASE_URL" not in env and not databases:
             databases.append(new_database(tmp_path))  # one per test, shared by its services
         merged = base_env(upstream, databases[0] if databases else "") | env
-        service = Service(merged, log_path=tmp_path / f"service-{len(started)}.log")
+        log_path = tmp_path / f"service-{len(started)}.log"
+        service = Service(merged, log_path=log_path, open_files=open_files)
         started.append(service)
         return service.start()
 

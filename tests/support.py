@@ -222,9 +222,12 @@ def command() -> list[str]:
 class Service:
     """`reasoning-agent serve` as a real process on a free loopback port."""
 
-    def __init__(self, env: Mapping[str, str], *, log_path: Path) -> None:
+    def __init__(
+        self, env: Mapping[str, str], *, log_path: Path, open_files: int | None = None
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
+        self.open_files = open_files  # a soft open-file limit to start under, as a host may set
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": os.environ.get("HOME", "/tmp"),
@@ -238,8 +241,11 @@ class Service:
 
     def start(self, *, timeout: float = 60) -> Service:
         log = self.log_path.open("ab")
+        args = [*command(), "serve"]
+        if self.open_files is not None:
+            args = ["sh", "-c", f'ulimit -Sn {self.open_files} && exec "$@"', "sh", *args]
         self.process = subprocess.Popen(
-            [*command(), "serve"],
+            args,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

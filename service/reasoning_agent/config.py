@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
+    # For a client's request head to arrive, and the longest pause in its body.
+    head_timeout_s: float = Field(10.0, gt=0, le=300)
+    keepalive_s: float = Field(5.0, gt=0, le=300)  # an idle keep-alive connection is closed
+    max_connections: int = Field(10_000, ge=1, le=1_000_000)  # per worker; past it, 503
     worker_concurrency: int = Field(10, ge=1, le=1000)
     # On SIGTERM, how long in-process background tasks may go on before they are queued again.
     background_drain_s: float = Field(10.0, ge=0, le=3600)

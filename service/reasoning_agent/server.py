@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -121,6 +121,16 @@ class _TuneGCAfterStartup:
         await self.app(scope, receive, send_then_tune)
 
 
+def _protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """The HTTP protocol every port is served with, after raising the open-file limit."""
+    from reasoning_agent.http_protocol import ConnectionLimits, protocol_with, raise_open_file_limit
+
+    limits = ConnectionLimits(
+        head_timeout_s=settings.head_timeout_s, max_connections=settings.max_connections
+    )
+    return protocol_with(limits, open_files=raise_open_file_limit())
+
+
 def _serve_reload(settings: Settings) -> None:
     import uvicorn
 
@@ -135,19 +145,46 @@ def _serve_reload(settings: Settings) -> None:
         reload_dirs=[str(Path(__file__).parent)],
         log_config=logging_config(settings.log_level),
         access_log=False,
+        # The reloader starts the server in a fresh process: the guard by name, its defaults.
+        http="reasoning_agent.http_protocol:GuardedHttpProtocol",
+        timeout_keep_alive=math.ceil(settings.keepalive_s),
     )
 
 
-def _serve_metrics(host: str, port: int) -> None:
-    """The metrics text, without a key, on its own port (for in-cluster scraping)."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+def _metrics_listener(host: str, port: int) -> socket.socket:
+    """This worker's socket on METRICS_PORT; SO_REUSEPORT, like gunicorn's own per worker."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.bind(address)
+    listener.listen(2048)
+    listener.setblocking(False)
+    return listener
 
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    start_http_server(port, addr=host, registry=registry)
+
+class _MetricsOnItsPort:
+    """Requests that came in on METRICS_PORT get the metrics of every worker, without a key,
+    and nothing else; the rest go to the app."""
+
+    def __init__(self, app: ASGIApp, *, port: int) -> None:
+        from prometheus_client import CollectorRegistry, make_asgi_app, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        self.app, self.port, self.metrics = app, port, make_asgi_app(registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] == "http" and server is not None and server[1] == self.port:
+            await self.metrics(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, *, variable: str = "PORT") -> None:
     """Fail at once if the port is taken: with a socket per worker, gunicorn itself would only
     respawn workers that cannot bind, forever."""
     try:
@@ -158,7 +195,7 @@ def _check_port_free(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
             probe.bind(address)
     except OSError as exc:
-        raise ConfigError(f"PORT: cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"{variable}: cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def _serve_gunicorn(settings: Settings) -> None:
@@ -173,19 +210,28 @@ def _serve_gunicorn(settings: Settings) -> None:
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
-    def when_ready(_server: Any) -> None:
+    from uvicorn_worker import UvicornWorker
+
+    protocol = _protocol(settings)  # in the master: every worker inherits the file limit
+
+    class Worker(UvicornWorker):  # type: ignore[misc]
+        CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "http": protocol}
+
+    def post_fork(_server: Any, worker: Any) -> None:
+        # Every worker serves the metrics port, with the main port's protocol and limits; no
+        # thread in the master, whose forks would inherit its locks.
         if settings.metrics_port is not None:
-            _serve_metrics(settings.host, settings.metrics_port)
+            worker.sockets.append(_metrics_listener(settings.host, settings.metrics_port))
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     options: dict[str, Any] = {
         "bind": f"{host}:{settings.port}",
         "workers": settings.workers,
-        "worker_class": "uvicorn_worker.UvicornWorker",
+        "worker_class": Worker,
         # Requests in flight end by the deadline; in-process background tasks get their drain.
         "graceful_timeout": math.ceil(settings.llm_timeout_s + settings.background_drain_s) + 5,
         "timeout": 30,
-        "keepalive": 5,
+        "keepalive": math.ceil(settings.keepalive_s),
         # A SO_REUSEPORT socket per worker lets the kernel spread new connections evenly; on
         # one shared socket whichever worker wakes first accepts a whole burst.
         "reuse_port": True,
@@ -193,7 +239,7 @@ def _serve_gunicorn(settings: Settings) -> None:
         "logconfig_dict": logging_config(settings.log_level),
         "control_socket_disable": True,
         "child_exit": child_exit,
-        "when_ready": when_ready,
+        "post_fork": post_fork,
         "proc_name": "reasoning-agent",
     }
 
@@ -203,10 +249,15 @@ def _serve_gunicorn(settings: Settings) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return create_served_app()
+            app = create_served_app()
+            if settings.metrics_port is None:
+                return app
+            return _MetricsOnItsPort(app, port=settings.metrics_port)
 
     try:
         _check_port_free(settings.host, settings.port)
+        if settings.metrics_port is not None:
+            _check_port_free(settings.host, settings.metrics_port, variable="METRICS_PORT")
         _Gunicorn().run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

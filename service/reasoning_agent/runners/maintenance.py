@@ -42,13 +42,13 @@ async def sweep(tasks: TaskService) -> Swept:
 
 
 async def sweep_forever(tasks: TaskService) -> None:
-    """Sweep now and every SWEEP_S."""
+    """Sweep every SWEEP_S (`serve` sweeps once before its workers start)."""
     while True:
+        await asyncio.sleep(SWEEP_S)
         try:
             await sweep(tasks)
         except Exception as exc:
             log.error("sweep failed: %s", exc.__class__.__name__)
-        await asyncio.sleep(SWEEP_S)
 
 
 async def purge(database: Database, *, older_than: timedelta, batch: int = _BATCH) -> int | None:
