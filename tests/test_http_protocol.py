@@ -17,6 +17,7 @@ import pytest
 
 from reasoning_agent.http_protocol import MAX_HEAD_BYTES, MAX_HEADERS, MAX_REQUEST_LINE
 from tests.conftest import StartService, module_service
+from tests.fake_openai import FakeOpenAI
 from tests.support import ALICE, Service, free_port
 
 pytestmark = pytest.mark.database_agnostic  # no table is read or written
@@ -219,3 +220,26 @@ def test_the_metrics_port_holds_no_thread_per_connection(guarded: Service) -> No
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_slow_answers_and_bodies_within_the_timeout_are_served(
+    guarded: Service, fake_llm: FakeOpenAI
+) -> None:
+    """The head timeout bounds the client, never the service: answers that take longer than
+    it, twice on one kept-alive connection, and a body sent in two parts both get through."""
+    fake_llm.default_delay = 1.5  # HEAD_TIMEOUT_S=1
+    with guarded.client() as client:
+        replies = [client.post("/task", json={"prompt": f"slow {i}"}) for i in range(2)]
+    assert [reply.status_code for reply in replies] == [200, 200]
+
+    fake_llm.default_delay = 0.0
+    body = b'{"prompt": "in two parts"}'
+    with connect(guarded.port) as sock:
+        sock.sendall(
+            b"POST /task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"X-API-Key: {ALICE}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")

@@ -82,7 +82,7 @@ _TOO_MANY = _canned(
 class GuardedHttpProtocol(HttpToolsProtocol):
     """Counts a request head's bytes as they arrive and answers 414/431 once past a bound,
     before the rest is read; closes heads and bodies that stall; and past `max_connections`
-    answers 503 instead of holding more."""
+    answers 503 instead of holding more. A request that comes in one read arms no timer."""
 
     max_connections: ClassVar[int] = 10_000
     head_timeout_s: ClassVar[float] = 10.0
@@ -91,14 +91,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _line_done: bool
     _head_bytes: int
     _line_bytes: int
-    _url_bytes: int
-    _header_count: int
-    _header_bytes: int
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._over_bound = len(self.connections) > self.max_connections
         self._refused = False
+        self._body_pending = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._await_head()
         # Armed at once, so a connection that never sends a byte is closed too.
@@ -115,35 +113,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return  # lingering: dropped unread
         counted = self._in_head
         if counted:
-            if self._head_timer is None:  # the first bytes of a later request's head
-                self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
             if not self._line_done:
                 end = data.find(b"\n")
                 self._line_bytes += len(data) if end < 0 else end
                 self._line_done = end >= 0
             self._head_bytes += len(data)
+        elif self._body_timer is not None:  # more of the body: it has not stalled
+            self._body_timer.cancel()
+            self._body_timer = None
         super().data_received(data)
-        # A head still incomplete after this read is judged on what has come so far, so a
-        # huge one is refused one read (at most 256 KiB) past the bound, never read whole.
-        if counted and self._in_head and not self._refused:
+        if self._refused:
+            return
+        if self._in_head and self._head_bytes:
+            # Still incomplete after this read: judged on what has come so far, so a huge
+            # head is refused one read (at most 256 KiB) past the bound, never read whole.
             if not self._line_done and self._line_bytes > MAX_REQUEST_LINE:
                 self._refuse(_LINE_TOO_LONG)
             elif self._head_bytes - self._line_bytes > MAX_HEAD_BYTES:
                 self._refuse(_HEAD_TOO_LARGE)
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        elif self._body_pending and self._body_timer is None:
+            self._body_timer = self.loop.call_later(self.head_timeout_s, self._body_timed_out)
 
-    # Parser callbacks, run inside data_received: after a refusal they only return. A head
-    # that came whole in one read is measured here, by its parts.
-    def on_url(self, url: bytes) -> None:
-        if not self._refused:
-            self._url_bytes += len(url)
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._refused:
-            self._header_count += 1
-            self._header_bytes += len(name) + len(value) + 4
-            super().on_header(name, value)
-
+    # Parser callbacks, run inside data_received: after a refusal they only return.
     def on_headers_complete(self) -> None:
         if self._refused:
             return
@@ -151,28 +144,28 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self._url_bytes > MAX_REQUEST_LINE:
+        if len(self.url) > MAX_REQUEST_LINE:  # a head that came whole in one read
             self._refuse(_LINE_TOO_LONG)
-        elif self._header_count > MAX_HEADERS or self._header_bytes > MAX_HEAD_BYTES:
+        elif len(self.headers) > MAX_HEADERS or (
+            self._head_bytes - self._line_bytes > MAX_HEAD_BYTES
+            and sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEAD_BYTES
+        ):
             self._refuse(_HEAD_TOO_LARGE)
         elif self._over_bound:
             log.warning("refused a request past MAX_CONNECTIONS=%d", self.max_connections)
             self._refuse(_TOO_MANY)
         else:
-            self._body_timer = self.loop.call_later(self.head_timeout_s, self._body_timed_out)
+            self._body_pending = True
             super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if self._refused:
-            return
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = self.loop.call_later(self.head_timeout_s, self._body_timed_out)
-        super().on_body(body)
+        if not self._refused:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         if self._refused:
             return
+        self._body_pending = False
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -181,8 +174,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _await_head(self) -> None:
         self._in_head = True
-        self._head_bytes = self._line_bytes = self._url_bytes = 0
-        self._header_count = self._header_bytes = 0
+        self._head_bytes = self._line_bytes = 0
         self._line_done = False
 
     def _refuse(self, response: bytes) -> None:
