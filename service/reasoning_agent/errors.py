@@ -35,6 +35,7 @@ __all__ = [
     "ServiceUnavailable",
     "StoreFailed",
     "Unauthorized",
+    "UpstreamUnreachable",
     "UriTooLong",
     "error_response",
     "error_responses",
@@ -117,6 +118,12 @@ class ServiceUnavailable(ServiceError):
     status, type = 503, ErrorType.UNAVAILABLE
 
 
+class UpstreamUnreachable(ServiceError):
+    """No connection to the LLM upstream could be made or kept."""
+
+    status, type = 502, ErrorType.CONNECTION_ERROR
+
+
 class StoreFailed(ServiceError):
     """The upstream answered, but the database refused to keep what came back."""
 
@@ -132,7 +139,8 @@ class GatewayTimeout(ServiceError):
 
 
 _BY_ERROR_TYPE: dict[str, type[ServiceError]] = {
-    cls.type: cls for cls in (BadGateway, GatewayTimeout, ServiceUnavailable, StoreFailed)
+    cls.type: cls
+    for cls in (BadGateway, GatewayTimeout, ServiceUnavailable, StoreFailed, UpstreamUnreachable)
 }
 
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from reasoning_agent.llm import AnswerTooLarge, LLMError, LLMRequest
+from reasoning_agent.llm import AnswerTooLarge, LLMError, LLMRequest, UpstreamUnreachable
 from reasoning_agent.llm.openai import OpenAIProvider
 from tests.conftest import module_service
 from tests.fake_openai import FakeOpenAI, Step
-from tests.support import OPENAI_KEY, Service, cyclic_garbage
+from tests.support import OPENAI_KEY, Service, cyclic_garbage, free_port
 
 TIMEOUT_S = 3
 
@@ -208,3 +208,32 @@ def test_an_answer_past_the_byte_cap_is_not_read_whole_and_fails_the_call(
     assert error.attempts == 1 and error.outcome == "too_large"
     assert str(error) == f"upstream answer is larger than {cap} bytes (LLM_MAX_RESPONSE_BYTES)"
     assert fake_llm.calls == 2  # not retried
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://no-such-upstream.invalid:9/v1", f"http://127.0.0.1:{free_port()}/v1"],
+    ids=["a name that does not resolve", "a refused connection"],
+)
+def test_an_upstream_that_cannot_be_reached_is_a_connection_error_not_a_timeout(
+    base_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK reports both as a connect timeout; the cause says otherwise, and the task,
+    the attempt log and the attempt metric say connection_error."""
+    provider = OpenAIProvider(api_key=OPENAI_KEY, base_url=base_url, model="m", max_attempts=2)
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="m")
+
+    async def call() -> LLMError:
+        try:
+            with pytest.raises(UpstreamUnreachable) as caught:
+                await provider.complete(request, deadline=time.monotonic() + 30)
+        finally:
+            await provider.aclose()
+        return caught.value
+
+    with caplog.at_level("INFO", logger="reasoning_agent.llm.openai"):
+        error = asyncio.run(call())
+    assert str(error) == "upstream unreachable after 2 attempts" and error.attempts == 2
+    assert error.code == "connection_error" and error.outcome == "connection_error"
+    outcomes = [r.outcome for r in caplog.records if r.getMessage() == "llm attempt"]
+    assert outcomes == ["connection_error"] * 2

@@ -21,6 +21,7 @@ from reasoning_agent.errors import (
     for_error_type,
     for_llm_error,
 )
+from reasoning_agent.errors import UpstreamUnreachable as ErrorsUnreachable
 from reasoning_agent.llm import (
     DeadlineExceeded,
     LLMError,
@@ -28,6 +29,7 @@ from reasoning_agent.llm import (
     NoAnswer,
     NotConfigured,
     UpstreamError,
+    UpstreamUnreachable,
 )
 from reasoning_agent.tasks.leases import MAX_TRIES
 from reasoning_agent.tasks.schemas import TaskIn
@@ -261,6 +263,7 @@ class PluginTimeout(DeadlineExceeded):
         (UpstreamError(message="x"), BadGateway, ErrorType.UPSTREAM_ERROR),
         (MalformedAnswer(message="x"), BadGateway, ErrorType.UPSTREAM_ERROR),
         (NoAnswer(message="x"), BadGateway, ErrorType.UPSTREAM_ERROR),
+        (UpstreamUnreachable(message="x"), ErrorsUnreachable, ErrorType.CONNECTION_ERROR),
         (DeadlineExceeded(message="x"), GatewayTimeout, ErrorType.DEADLINE_EXCEEDED),
         (PluginTimeout(message="x"), GatewayTimeout, ErrorType.DEADLINE_EXCEEDED),
         (NotConfigured(message="x"), ServiceUnavailable, ErrorType.UNAVAILABLE),

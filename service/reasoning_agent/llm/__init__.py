@@ -15,6 +15,7 @@ from reasoning_agent.llm.base import (
     NoAnswer,
     NotConfigured,
     UpstreamError,
+    UpstreamUnreachable,
     attempt_span,
     record_result,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "NoAnswer",
     "NotConfigured",
     "UpstreamError",
+    "UpstreamUnreachable",
     "attempt_span",
     "load_provider",
     "provider_names",

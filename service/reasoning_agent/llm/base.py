@@ -26,6 +26,7 @@ __all__ = [
     "NotConfigured",
     "ProviderFactory",
     "UpstreamError",
+    "UpstreamUnreachable",
     "attempt_span",
     "record_result",
 ]
@@ -69,6 +70,14 @@ class LLMError(Exception):
 
 class UpstreamError(LLMError):
     """The upstream refused, failed, or kept failing until the attempts ran out."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream (a name that does not resolve, a refused or dropped
+    connection) until the attempts ran out."""
+
+    code = ErrorType.CONNECTION_ERROR
+    outcome = "connection_error"
 
 
 class MalformedAnswer(UpstreamError):

@@ -33,6 +33,7 @@ from reasoning_agent.llm.base import (
     MalformedAnswer,
     NoAnswer,
     UpstreamError,
+    UpstreamUnreachable,
     attempt_span,
     record_result,
 )
@@ -76,14 +77,19 @@ def _retry_after(exc: BaseException | None) -> float | None:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    """A timeout, not a dropped connection: the SDK's aiohttp transport reports both as a
-    connect timeout, and only the first cause tells them apart."""
+    """A timeout, not a failed connection: the SDK's aiohttp transport reports a name that
+    does not resolve, a refused connection and a timeout alike as a connect timeout; its
+    chain of causes tells them apart."""
     if not isinstance(exc, openai.APITimeoutError):
         return False
-    root: BaseException = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
-    return isinstance(root, TimeoutError) or not isinstance(root, aiohttp.ClientConnectionError)
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
+            return True
+        if isinstance(cause, aiohttp.ClientConnectionError | OSError):
+            return False
+        cause = cause.__cause__
+    return True
 
 
 def _body(request: LLMRequest) -> dict[str, Any]:
@@ -246,6 +252,8 @@ class OpenAIProvider:
             message = _describe(exc, attempts())
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded(message=message, attempts=attempts()) from None
+            if isinstance(exc, openai.APIConnectionError) and not _timed_out(exc):
+                raise UpstreamUnreachable(message=message, attempts=attempts()) from None
             raise UpstreamError(message=message, attempts=attempts()) from None
         finally:
             # tenacity keeps the call's steps inside `retrying`: a cycle for the collector

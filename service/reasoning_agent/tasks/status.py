@@ -23,6 +23,7 @@ class ErrorType(StrEnum):
     """Why a task has no answer; also the `type` of the error the API answers with."""
 
     UPSTREAM_ERROR = "upstream_error"
+    CONNECTION_ERROR = "connection_error"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
     INTERRUPTED = "interrupted"
