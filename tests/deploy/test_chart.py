@@ -48,6 +48,39 @@ def test_lint_and_every_object_is_valid_kubernetes(values: Path) -> None:
             pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {exc.path}")
 
 
+def test_with_no_values_at_all_one_strong_key_is_made_in_a_secret_upgrades_never_apply() -> None:
+    """`helm install` with no values works: a key named `default` is generated (kept across
+    upgrades by reading the live Secret back, which `helm template` cannot show). The Secret
+    is a hook, so a hand rotation never conflicts with an upgrade's or a rollback's apply."""
+    docs = render()
+    keys = find(docs, "Secret", "ra-reasoning-agent-api-keys")
+    name, _, key = base64.b64decode(keys["data"]["api-keys"]).decode().partition(":")
+    assert name == "default" and len(key) >= 43 and key.isalnum()
+    annotations = keys["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    again = find(render(), "Secret", "ra-reasoning-agent-api-keys")["data"]["api-keys"]
+    assert again != keys["data"]["api-keys"]  # random where no Secret can be looked up
+    pod = app_deployment(docs)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "ra-reasoning-agent-api-keys"
+    notes = helm("install", "ra", str(CHART), "--dry-run=client").stdout
+    assert "one was generated for you, named `default`" in notes
+    assert not [d for d in render(EXISTING) if d["metadata"]["name"].endswith("-api-keys")]
+
+
+def test_the_bundled_redis_is_not_probed_before_it_can_listen() -> None:
+    redis = next(
+        d for d in render(DEFAULT) if d["kind"] == "Deployment" and "redis" in d["metadata"]["name"]
+    )
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["initialDelaySeconds"] >= 2
+    assert (
+        container["livenessProbe"]["initialDelaySeconds"]
+        >= container["readinessProbe"]["initialDelaySeconds"]
+    )
+
+
 def test_the_ci_cases_cover_the_contract() -> None:
     names = {p.name for p in ci_values()}
     assert {"default-values.yaml", "existing-secret-values.yaml", "external-values.yaml"} <= names
@@ -58,9 +91,11 @@ def test_the_ci_cases_cover_the_contract() -> None:
 def test_api_keys_are_mounted_from_the_secret_and_never_appear_in_clear_elsewhere() -> None:
     text = render_text(DEFAULT)
     docs = [d for d in yaml.safe_load_all(text) if d]
+    keys = find(docs, "Secret", "ra-reasoning-agent-api-keys")
+    assert base64.b64decode(keys["data"]["api-keys"]).decode() == f"ci:{CI_KEY}"
     secret = find(docs, "Secret", "ra-reasoning-agent")
-    assert base64.b64decode(secret["data"]["api-keys"]).decode() == f"ci:{CI_KEY}"
     assert base64.b64decode(secret["data"]["openai-api-key"]).decode() == CI_OPENAI
+    assert "api-keys" not in secret["data"]
 
     pod = app_deployment(docs)["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -73,7 +108,7 @@ def test_api_keys_are_mounted_from_the_secret_and_never_appear_in_clear_elsewher
     }
     volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
     assert volume["secret"] == {
-        "secretName": "ra-reasoning-agent",
+        "secretName": "ra-reasoning-agent-api-keys",
         "items": [{"key": "api-keys", "path": "api-keys"}],
     }
     mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
@@ -139,7 +174,6 @@ def test_more_than_one_pod_on_sqlite_fails_the_render(sets: dict[str, str]) -> N
 
 
 def test_other_impossible_settings_fail_the_render() -> None:
-    assert "secrets.apiKeys" in render_error(sets={})
     assert (
         "REDIS"
         in render_error(DEFAULT, sets={"redis.enabled": "false", "config.workers": "2"}).upper()
@@ -391,7 +425,7 @@ def test_notes_print_working_port_forward_and_curl_commands() -> None:
     secret = find(
         render(DEFAULT, sets={"secrets.apiKeys": f"first:{CI_KEY}\\,second:x" + "y" * 20}),
         "Secret",
-        "ra-reasoning-agent",
+        "ra-reasoning-agent-api-keys",
     )
     encoded = secret["data"][pipeline.group(1).replace("\\.", ".")]
     key = subprocess.run(
@@ -407,7 +441,7 @@ def test_helm_test_pod_calls_healthz_with_a_key_from_the_secret() -> None:
     script = pod["spec"]["containers"][0]["args"][0]
     assert "http://ra-reasoning-agent:8000/healthz" in script
     assert "sys.exit(0 if response.status == 200 else 1)" in script
-    assert pod["spec"]["volumes"][0]["secret"]["secretName"] == "ra-reasoning-agent"
+    assert pod["spec"]["volumes"][0]["secret"]["secretName"] == "ra-reasoning-agent-api-keys"
     compile(script, "helm-test", "exec")  # the script is valid Python
 
 
@@ -587,7 +621,12 @@ def test_every_impossible_combination_is_refused_in_one_place() -> None:
 def test_the_migration_hooks_secret_is_deleted_with_the_hook() -> None:
     """It holds the database URL and its password; nothing needs it after the migration."""
     docs = render(EXTERNAL)
-    hook_objects = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    hook_objects = [
+        d
+        for d in docs
+        if "helm.sh/hook" in d["metadata"].get("annotations", {})
+        and not d["metadata"]["name"].endswith("-api-keys")  # kept, for the pods to mount
+    ]
     kinds = sorted(
         d["kind"]
         for d in hook_objects

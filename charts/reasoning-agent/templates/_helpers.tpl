@@ -52,9 +52,14 @@ app.kubernetes.io/component: {{ . }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
-{{/* The Secret with the API keys and OpenAI key: the user's, or the chart's. */}}
+{{/* The Secret with the OpenAI key: the user's, or the chart's. */}}
 {{- define "reasoning-agent.keysSecret" -}}
 {{- .Values.existingSecret | default (include "reasoning-agent.fullname" .) }}
+{{- end }}
+
+{{/* The Secret with the API keys: the user's, or the one the chart makes (api-keys-secret.yaml). */}}
+{{- define "reasoning-agent.apiKeysSecret" -}}
+{{- .Values.existingSecret | default (printf "%s-api-keys" (include "reasoning-agent.fullname" .)) }}
 {{- end }}
 
 {{- define "reasoning-agent.apiKeysKey" -}}
@@ -96,9 +101,6 @@ key: database-url
 
 {{/* Settings that cannot work together stop the render with a message that says what to do. */}}
 {{- define "reasoning-agent.validate" -}}
-{{- if and (not .Values.existingSecret) (not .Values.secrets.apiKeys) }}
-{{- fail "set secrets.apiKeys (name:key entries) or existingSecret: the service refuses to start without an API key" }}
-{{- end }}
 {{- if not (include "reasoning-agent.externalDatabase" .) }}
 {{- if gt (int .Values.replicaCount) 1 }}
 {{- fail "replicaCount > 1 needs an external database: set database.url (PostgreSQL) or database.existingSecret; SQLite on a ReadWriteOnce volume allows one pod" }}
@@ -205,7 +207,7 @@ key: database-url
 metadata:
   annotations:
     checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") $ | sha256sum }}
-    checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") $ | sha256sum }}
+    checksum/secret: {{ print (include (print $.Template.BasePath "/secret.yaml") $) (include (print $.Template.BasePath "/api-keys-secret.yaml") $) | sha256sum }}
     {{- with $.Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
