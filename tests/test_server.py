@@ -1,5 +1,6 @@
 """Server start-up owns the process-wide tuning: building or starting the app changes nothing
-global, and the served app tunes the collector once its lifespan has started."""
+global, and the served app tunes the collector once its lifespan has started; and it says
+where it serves."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from reasoning_agent import server
-from tests.conftest import base_env
+from tests.conftest import StartService, base_env
 from tests.fake_openai import FakeOpenAI
 from tests.inprocess import running
+from tests.support import free_port
 
 # Its subject is not the database: the PostgreSQL pass skips it.
 pytestmark = pytest.mark.database_agnostic
@@ -59,3 +61,11 @@ def test_the_served_app_tunes_the_collector_after_startup_completes() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+def test_serve_says_where_it_serves(start_service: StartService) -> None:
+    metrics_port = free_port()
+    service = start_service(METRICS_PORT=str(metrics_port))
+    logs = service.logs()
+    assert f"serving on http://127.0.0.1:{service.port}" in logs
+    assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in logs

@@ -217,6 +217,12 @@ def _serve_gunicorn(settings: Settings) -> None:
     class Worker(UvicornWorker):  # type: ignore[misc]
         CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "http": protocol}
 
+    def when_ready(server: Any) -> None:
+        # gunicorn's own "Listening at" line is empty with a socket per worker.
+        server.log.info("serving on http://%s:%d", host, settings.port)
+        if settings.metrics_port is not None:
+            server.log.info("metrics on http://%s:%d/metrics", host, settings.metrics_port)
+
     def post_fork(_server: Any, worker: Any) -> None:
         # Every worker serves the metrics port, with the main port's protocol and limits; no
         # thread in the master, whose forks would inherit its locks.
@@ -239,6 +245,7 @@ def _serve_gunicorn(settings: Settings) -> None:
         "logconfig_dict": logging_config(settings.log_level),
         "control_socket_disable": True,
         "child_exit": child_exit,
+        "when_ready": when_ready,
         "post_fork": post_fork,
         "proc_name": "reasoning-agent",
     }
