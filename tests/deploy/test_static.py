@@ -120,3 +120,29 @@ def test_skaffold_yaml_matches_the_schema_and_names_what_exists() -> None:
     assert "--reload" in container["args"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is False
     assert (CHART / "values.yaml").is_file()
+
+
+@pytest.mark.parametrize("profile", ["", "postgres"], ids=["default", "postgres profile"])
+def test_the_compose_file_is_valid_and_hardened_in_every_profile(profile: str, tmp_path) -> None:
+    """docker-compose resolves it with the .env a user makes from .env.example; every
+    service is read-only, drops every capability, runs as a non-root user and is checked."""
+    env = (REPO / ".env.example").read_text()
+    if profile:  # the three lines .env.example says to uncomment
+        env = re.sub(
+            r"^# (COMPOSE_PROFILES|POSTGRES_PASSWORD|DATABASE_URL)=", r"\1=", env, flags=re.M
+        )
+    (tmp_path / ".env").write_text(env)
+    (tmp_path / "docker-compose.yml").write_text((REPO / "docker-compose.yml").read_text())
+    compose = tool("docker-compose")
+    resolved = yaml.safe_load(run(compose, "config", cwd=tmp_path).stdout)
+    services = resolved["services"]
+    assert set(services) == {"agent", "worker", "redis", "postgres"}
+    assert services["postgres"]["profiles"] == ["postgres"]  # only with COMPOSE_PROFILES
+    for name, service in services.items():
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
+        assert not service.get("cap_add") and service["user"].split(":")[0] not in ("", "0"), name
+        assert "healthcheck" in service, name
+    for name in ("agent", "worker"):
+        database = services[name]["environment"]["DATABASE_URL"]
+        assert database.startswith("postgresql://" if profile else "sqlite:////data/"), name
+    assert str(services["agent"]["ports"][0]).startswith("127.0.0.1:")  # never all interfaces
