@@ -1,12 +1,17 @@
-"""Helpers for the deployment tests: the tools they need, and rendering the chart."""
+"""Helpers for the deployment tests: the tools they need, rendering the chart, a Docker engine
+and the stand-in base image."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -17,15 +22,19 @@ CHART = REPO / "charts" / "reasoning-agent"
 KUBE_VERSION = "1.35.0"
 
 
+def missing(message: str) -> NoReturn:
+    """Skip a test whose tool is absent, on a laptop; fail it in CI, which must run them all."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}, and CI must run every test")
+    pytest.skip(message)
+
+
 def tool(name: str) -> str:
     """The path of a tool that `make tools` installs; skip on a laptop without it, fail in CI."""
     found = shutil.which(name, path=f"{REPO}/.tools/bin:{REPO}/.venv/bin:{os.environ['PATH']}")
     if found:
         return found
-    message = f"{name} is not installed (make tools installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}, and CI must run every test")
-    pytest.skip(message)
+    missing(f"{name} is not installed (make tools installs it)")
 
 
 def run(
@@ -95,3 +104,105 @@ def env_of(container: dict) -> dict[str, dict]:
 
 def ci_values() -> list[Path]:
     return sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+BASE_IMAGE = "python:3.12-slim"
+KIT = REPO.parent / "shared" / "k8s"
+
+
+def kit_script(name: str) -> Path:
+    """A script of the offline Kubernetes kit beside the checkout; skip without it (or root),
+    fail in CI."""
+    script = KIT / name
+    if script.exists() and os.geteuid() == 0:
+        return script
+    missing(f"{script} is missing or needs root")
+
+
+def docker(
+    *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    return run(tool("docker"), *args, check=check, timeout=timeout, env=env)
+
+
+@contextlib.contextmanager
+def docker_engine() -> Iterator[None]:
+    """A Docker engine: the running one, or one started here and stopped at the end."""
+    tool("docker")
+    if docker("info", check=False).returncode == 0:
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no Docker engine runs, and starting one needs root")
+    dockerd = tool("dockerd")
+    workdir = Path(tempfile.mkdtemp(prefix="dockerd-"))
+    log = (workdir / "dockerd.log").open("wb")
+    process = subprocess.Popen(
+        [
+            dockerd,
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--pidfile",
+            str(workdir / "dockerd.pid"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while docker("info", check=False).returncode != 0:
+        if time.monotonic() > deadline or process.poll() is not None:
+            pytest.fail(f"dockerd did not start:\n{(workdir / 'dockerd.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield
+    process.terminate()
+    process.wait(timeout=60)
+    log.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stand_in_base_image() -> None:
+    """Import a Debian rootfs with Python as python:3.12-slim (the official one is Debian too)."""
+    debootstrap = tool("debootstrap")
+    rootfs = Path(tempfile.mkdtemp(prefix="rootfs-"))
+    try:
+        run(
+            debootstrap,
+            "--variant=minbase",
+            "--include=python3,python3-venv,python3-pip,ca-certificates",
+            "trixie",
+            str(rootfs),
+        )
+        for name in ("python", "python3", "pip", "pip3"):
+            target = "/usr/bin/python3" if name.startswith("python") else "/usr/bin/pip3"
+            link = rootfs / "usr/local/bin" / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
+        for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+            marker.unlink()
+        # This machine's package traffic is TLS-intercepted: trust its CAs inside the stand-in.
+        for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
+            shutil.copy(cert, rootfs / "usr/local/share/ca-certificates" / cert.name)
+        run("chroot", str(rootfs), "update-ca-certificates")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            [
+                tool("docker"),
+                "import",
+                "-c",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "-c",
+                "ENV LANG=C.UTF-8",
+                "-",
+                BASE_IMAGE,
+            ],
+            stdin=tar.stdout,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        tar.wait(timeout=60)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)

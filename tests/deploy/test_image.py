@@ -9,10 +9,8 @@ networking only, and every server binds 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,10 +20,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.deploy.conftest import run, tool
+from tests.deploy.conftest import (
+    BASE_IMAGE,
+    docker,
+    docker_engine,
+    kit_script,
+    run,
+    stand_in_base_image,
+    tool,
+)
 from tests.support import ALICE, REPO, free_port
 
-BASE_IMAGE = "python:3.12-slim"
 IMAGE = "reasoning-agent:test"
 
 
@@ -34,93 +39,10 @@ IMAGE = "reasoning-agent:test"
 pytestmark = pytest.mark.timeout(1200)
 
 
-def docker(
-    *args: str, check: bool = True, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
-    return run(tool("docker"), *args, check=check, timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
 def engine() -> Iterator[None]:
-    """A Docker engine: the running one, or one this module starts and stops."""
-    tool("docker")
-    if docker("info", check=False).returncode == 0:
+    with docker_engine():
         yield
-        return
-    if os.geteuid() != 0:
-        pytest.skip("no Docker engine runs, and starting one needs root")
-    dockerd = tool("dockerd")
-    workdir = Path(tempfile.mkdtemp(prefix="dockerd-"))
-    log = (workdir / "dockerd.log").open("wb")
-    process = subprocess.Popen(
-        [
-            dockerd,
-            "--bridge=none",
-            "--iptables=false",
-            "--ip-masq=false",
-            "--pidfile",
-            str(workdir / "dockerd.pid"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while docker("info", check=False).returncode != 0:
-        if time.monotonic() > deadline or process.poll() is not None:
-            pytest.fail(f"dockerd did not start:\n{(workdir / 'dockerd.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield
-    process.terminate()
-    process.wait(timeout=60)
-    log.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-def stand_in_base_image() -> None:
-    """Import a Debian rootfs with Python as python:3.12-slim (the official one is Debian too)."""
-    debootstrap = tool("debootstrap")
-    rootfs = Path(tempfile.mkdtemp(prefix="rootfs-"))
-    try:
-        run(
-            debootstrap,
-            "--variant=minbase",
-            "--include=python3,python3-venv,python3-pip,ca-certificates",
-            "trixie",
-            str(rootfs),
-        )
-        for name in ("python", "python3", "pip", "pip3"):
-            target = "/usr/bin/python3" if name.startswith("python") else "/usr/bin/pip3"
-            link = rootfs / "usr/local/bin" / name
-            link.unlink(missing_ok=True)
-            link.symlink_to(target)
-        for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
-            marker.unlink()
-        # This machine's package traffic is TLS-intercepted: trust its CAs inside the stand-in.
-        for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
-            shutil.copy(cert, rootfs / "usr/local/share/ca-certificates" / cert.name)
-        run("chroot", str(rootfs), "update-ca-certificates")
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(
-            [
-                tool("docker"),
-                "import",
-                "-c",
-                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "-c",
-                "ENV LANG=C.UTF-8",
-                "-",
-                BASE_IMAGE,
-            ],
-            stdin=tar.stdout,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        tar.wait(timeout=60)
-    finally:
-        shutil.rmtree(rootfs, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -236,18 +158,6 @@ def test_the_image_runs_read_only_as_10001_and_keeps_tasks_on_its_volume(image: 
 
 
 REDIS_IMAGE = "redis:7.4-alpine"  # as docker-compose.yml names it
-KIT = REPO.parent / "shared" / "k8s"
-
-
-def stand_in_redis_image() -> None:
-    """The official image cannot be pulled: the kit's stand-in, with its interface."""
-    script = KIT / "redis" / "make-redis-image.sh"
-    if not script.exists() or os.geteuid() != 0:
-        message = f"no {REDIS_IMAGE} image, and {script} (as root) would make one"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}; CI must run every test")
-        pytest.skip(message)
-    run(str(script), REDIS_IMAGE, timeout=600)
 
 
 def test_docker_compose_serves_with_redis_and_a_worker_and_keeps_tasks(
@@ -258,7 +168,7 @@ def test_docker_compose_serves_with_redis_and_a_worker_and_keeps_tasks(
     and the tasks still there after `down` and `up`."""
     compose = tool("docker-compose")
     if docker("image", "inspect", REDIS_IMAGE, check=False).returncode != 0:
-        stand_in_redis_image()
+        run(str(kit_script("redis/make-redis-image.sh")), REDIS_IMAGE, timeout=600)
     docker("tag", IMAGE, "reasoning-agent:0.1.0")
     for name in ("docker-compose.yml", ".env.example"):
         shutil.copy(REPO / name, tmp_path / name)
