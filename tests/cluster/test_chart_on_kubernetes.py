@@ -36,6 +36,7 @@ from tests.support import REPO, free_port
 pytestmark = [pytest.mark.timeout(900), pytest.mark.database_agnostic]
 
 APP_IMAGE = "reasoning-agent:0.1.0"  # the chart's default image
+REDIS_IMAGE = "public.ecr.aws/docker/library/redis:7.4.2-alpine"  # the bundled Redis's default
 NAMESPACE = "ra"
 RELEASE = "ra"
 SERVICE = f"svc/{RELEASE}-reasoning-agent"
