@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -206,3 +207,14 @@ def stand_in_base_image() -> None:
         tar.wait(timeout=60)
     finally:
         shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def compose_env(profile: str) -> str:
+    """The .env a user makes from .env.example; for the postgres profile, with the three lines
+    it says to uncomment."""
+    text = (REPO / ".env.example").read_text()
+    if profile == "postgres":
+        text = re.sub(
+            r"^# (COMPOSE_PROFILES|POSTGRES_PASSWORD|DATABASE_URL)=", r"\1=", text, flags=re.M
+        )
+    return text

@@ -22,6 +22,7 @@ import pytest
 
 from tests.deploy.conftest import (
     BASE_IMAGE,
+    compose_env,
     docker,
     docker_engine,
     kit_script,
@@ -157,23 +158,28 @@ def test_the_image_runs_read_only_as_10001_and_keeps_tasks_on_its_volume(image: 
         docker("volume", "rm", "--force", volume, check=False)
 
 
-REDIS_IMAGE = "redis:7.4-alpine"  # as docker-compose.yml names it
+REDIS_IMAGE = "redis:7.4-alpine"  # as docker-compose.yml names them
+POSTGRES_IMAGE = "postgres:17-alpine"
 
 
+@pytest.mark.parametrize("profile", ["", "postgres"], ids=["sqlite", "postgres profile"])
 def test_docker_compose_serves_with_redis_and_a_worker_and_keeps_tasks(
-    image: dict, tmp_path: Path
+    image: dict, tmp_path: Path, profile: str
 ) -> None:
     """`docker-compose up` of the repository's file, as a user runs it with an .env from
-    .env.example: healthy services, a task answered, a background task done by the worker,
-    and the tasks still there after `down` and `up`."""
+    .env.example (for PostgreSQL, its three lines uncommented): healthy services, a task
+    answered, a background task done by the worker, and the tasks still there after `down`
+    and `up`."""
     compose = tool("docker-compose")
     if docker("image", "inspect", REDIS_IMAGE, check=False).returncode != 0:
         run(str(kit_script("redis/make-redis-image.sh")), REDIS_IMAGE, timeout=600)
+    if profile and docker("image", "inspect", POSTGRES_IMAGE, check=False).returncode != 0:
+        run(str(REPO / ".ci" / "make-postgres-image.sh"), POSTGRES_IMAGE, timeout=600)
     docker("tag", IMAGE, "reasoning-agent:0.1.0")
     for name in ("docker-compose.yml", ".env.example"):
         shutil.copy(REPO / name, tmp_path / name)
     port = free_port()
-    env_file = (REPO / ".env.example").read_text()
+    env_file = compose_env(profile)
     (tmp_path / ".env").write_text(f"{env_file}\nPORT={port}\n")
     key = next(
         line.split(":", 1)[1] for line in env_file.splitlines() if line.startswith("API_KEYS=")
@@ -188,7 +194,7 @@ def test_docker_compose_serves_with_redis_and_a_worker_and_keeps_tasks(
     try:
         started = time.monotonic()
         up_and_down("up", "-d", "--no-build")
-        _wait_healthy(up_and_down, ["agent", "worker", "redis"])
+        _wait_healthy(up_and_down, ["agent", "worker", "redis", *([profile] if profile else [])])
         print(f"compose healthy in {time.monotonic() - started:.1f} s")
         answered = httpx.post(f"{base_url}/task", json={"prompt": "composed"}, headers=headers)
         assert answered.status_code == 200, answered.text
