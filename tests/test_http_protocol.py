@@ -72,6 +72,14 @@ guarded = module_service(
 HEAD_START = b"GET /livez HTTP/1.1\r\nHost: x\r\n"
 
 
+def post_head(length: int) -> bytes:
+    """The head of a keyed POST /task whose JSON body is `length` bytes."""
+    return (
+        b"POST /task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"X-API-Key: {ALICE}\r\nContent-Length: {length}\r\n\r\n".encode()
+    )
+
+
 @pytest.mark.parametrize(
     ("sent", "status", "error_type"),
     [
@@ -182,11 +190,7 @@ def test_an_idle_keep_alive_connection_and_a_stalled_body_are_closed(guarded: Se
 
     body = b'{"prompt": "never finished"}'
     with connect(guarded.port) as sock:
-        sock.sendall(
-            b"POST /task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"X-API-Key: {ALICE}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body[:10]
-        )
+        sock.sendall(post_head(len(body)) + body[:10])
         assert answer(sock) == (None, {})  # the body paused past HEAD_TIMEOUT_S: closed
     assert "closed a connection whose request body stopped arriving" in guarded.logs()
 
@@ -251,11 +255,7 @@ def test_slow_answers_and_bodies_within_the_timeout_are_served(
     fake_llm.default_delay = 0.0
     body = b'{"prompt": "in two parts"}'
     with connect(guarded.port) as sock:
-        sock.sendall(
-            b"POST /task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"X-API-Key: {ALICE}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body[:10]
-        )
+        sock.sendall(post_head(len(body)) + body[:10])
         time.sleep(0.5)
         sock.sendall(body[10:])
         assert _one_response(sock).startswith(b"HTTP/1.1 200 ")

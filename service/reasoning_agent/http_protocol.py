@@ -16,7 +16,7 @@ __all__ = ["ConnectionLimits", "GuardedHttpProtocol", "protocol_with", "raise_op
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_LINE = 17 * 1024  # the app's 16 KB query string, its path and method
+MAX_REQUEST_LINE = 17 * 1024  # above the app's query-string limit, so that one answers first
 MAX_HEAD_BYTES = 64 * 1024  # request line and every header together
 MAX_HEADERS = 100
 _FD_RESERVE = 128  # files a worker needs besides its connections (database, Redis, logs)
@@ -118,15 +118,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._line_bytes += len(data) if end < 0 else end
                 self._line_done = end >= 0
             self._head_bytes += len(data)
-        elif self._body_timer is not None:  # more of the body: it has not stalled
-            self._body_timer.cancel()
-            self._body_timer = None
+        else:  # more of the body: it has not stalled
+            self._stop_body_timer()
         super().data_received(data)
         if self._refused:
             return
         if self._in_head and self._head_bytes:
             # Still incomplete after this read: judged on what has come so far, so a huge
-            # head is refused one read (at most 256 KiB) past the bound, never read whole.
+            # head is refused one read past the bound, never read whole.
             if not self._line_done and self._line_bytes > MAX_REQUEST_LINE:
                 self._refuse(_LINE_TOO_LONG)
             elif self._head_bytes - self._line_bytes > MAX_HEAD_BYTES:
@@ -141,9 +140,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._in_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._stop_head_timer()
         if len(self.url) > MAX_REQUEST_LINE:  # a head that came whole in one read
             self._refuse(_LINE_TOO_LONG)
         elif len(self.headers) > MAX_HEADERS or (
@@ -166,9 +163,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._body_pending = False
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        self._stop_body_timer()
         self._await_head()  # what comes next on this connection is another request's head
         super().on_message_complete()
 
@@ -205,7 +200,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._stop_head_timer()
+        self._stop_body_timer()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None

@@ -346,13 +346,14 @@ class TaskService:
         extra = {"task_id": task.id}
         if exc.reachable:
             message = "the database refused to store the upstream's answer"
-            attempts = outcome.result.attempts if outcome.result else 0
+            called = outcome.error or outcome.result
+            assert called is not None
             with contextlib.suppress(OutcomeNotStored):
                 if await self.repository.fail(
                     task,
                     error_type=ErrorType.STORE_ERROR,
                     message=message,
-                    attempts=outcome.error.attempts if outcome.error else attempts,
+                    attempts=called.attempts,
                     latency_ms=round(outcome.seconds * 1000, 2),
                     expect=expect,
                 ):
