@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,46 +38,94 @@ from tests.support import REPO, free_port
 pytestmark = [pytest.mark.timeout(900), pytest.mark.database_agnostic]
 
 APP_IMAGE = "reasoning-agent:0.1.0"  # the chart's default image
+NEXT_IMAGE = "reasoning-agent:0.1.1"  # the image an upgrade rolls to
 REDIS_IMAGE = "public.ecr.aws/docker/library/redis:7.4.2-alpine"  # the bundled Redis's default
+POSTGRES_IMAGE = "postgres:17-alpine"  # the stand-in the compose test builds too
 NAMESPACE = "ra"
 RELEASE = "ra"
-SERVICE = f"svc/{RELEASE}-reasoning-agent"
 KEYS_SECRET = f"{RELEASE}-reasoning-agent-api-keys"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cluster:
     env: dict[str, str]
+    namespace: str = NAMESPACE
+    release: str = RELEASE
+    made: list[str] = field(default_factory=list)  # the namespaces to delete at the end
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 180) -> str:
+    def within(self, namespace: str, *, release: str = RELEASE, restricted: bool = True) -> Cluster:
+        """The same cluster, in a new namespace (PodSecurity `restricted` enforced by default)."""
+        run("kubectl", "create", "namespace", namespace, env=self.env)
+        self.made.append(namespace)
+        if restricted:
+            run(
+                "kubectl",
+                "label",
+                "namespace",
+                namespace,
+                "pod-security.kubernetes.io/enforce=restricted",
+                env=self.env,
+            )
+        return replace(self, namespace=namespace, release=release)
+
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 180, input: str | None = None
+    ) -> str:
         return run(
-            "kubectl", "-n", NAMESPACE, *args, env=self.env, check=check, timeout=timeout
+            "kubectl",
+            "-n",
+            self.namespace,
+            *args,
+            env=self.env,
+            check=check,
+            timeout=timeout,
+            input=input,
         ).stdout
 
     def helm(
         self, *args: str, check: bool = True, timeout: float = 400
     ) -> subprocess.CompletedProcess[str]:
-        return run("helm", "-n", NAMESPACE, *args, env=self.env, check=check, timeout=timeout)
+        return run("helm", "-n", self.namespace, *args, env=self.env, check=check, timeout=timeout)
+
+    def install(
+        self, *values: Path, sets: tuple[str, ...] = (), set_json: tuple[str, ...] = ()
+    ) -> None:
+        """`helm install` with these values files and `--set`s, waiting for every pod."""
+        options = [f"--values={file}" for file in values]
+        options += [f"--set={value}" for value in sets]
+        options += [f"--set-json={value}" for value in set_json]
+        self.helm("install", self.release, str(CHART), "--wait", "--timeout", "5m", *options)
 
     def upgrade(self, *sets: str) -> None:
         """`helm upgrade --reuse-values` with these `--set`s, waiting for the roll."""
         options = [item for value in sets for item in ("--set", value)]
         self.helm(
-            "upgrade", RELEASE, str(CHART), "--reuse-values", "--wait", "--timeout", "5m", *options
+            "upgrade",
+            self.release,
+            str(CHART),
+            "--reuse-values",
+            "--wait",
+            "--timeout",
+            "5m",
+            *options,
         )
 
-    def key(self) -> str:
+    def helm_test_passes(self) -> bool:
+        return "Phase:          Succeeded" in self.helm("test", self.release).stdout
+
+    def key(self, secret: str = KEYS_SECRET, field: str = "api-keys") -> str:
         """The first API key, read from the Secret as the NOTES and the README do."""
-        encoded = self.kubectl("get", "secret", KEYS_SECRET, "-o", "jsonpath={.data.api-keys}")
+        encoded = self.kubectl("get", "secret", secret, "-o", f"jsonpath={{.data.{field}}}")
         first = base64.b64decode(encoded).decode().replace("\n", ",").split(",")[0]
         return first.split(":", 1)[1] if ":" in first else first
 
     def app_pod(self) -> str:
+        """The running server pods' names, space-separated."""
         return self.kubectl(
             "get",
             "pods",
             "-l",
-            "app.kubernetes.io/component=server",
+            f"app.kubernetes.io/instance={self.release},app.kubernetes.io/component=server",
             "--field-selector",
             "status.phase=Running",
             "-o",
@@ -88,7 +138,14 @@ class Cluster:
         one pod, so it is made again after every roll."""
         port = free_port()
         process = subprocess.Popen(
-            ["kubectl", "-n", NAMESPACE, "port-forward", SERVICE, f"{port}:8000"],
+            [
+                "kubectl",
+                "-n",
+                self.namespace,
+                "port-forward",
+                f"svc/{self.release}-reasoning-agent",
+                f"{port}:8000",
+            ],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -113,10 +170,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     given = os.environ.get("RA_TEST_KUBECONFIG")
     if given:
         env = {**os.environ, "KUBECONFIG": given}
+        made: list[str] = []
         try:
-            yield Cluster(env)
+            yield Cluster(env, made=made)
         finally:
-            run("kubectl", "delete", "namespace", NAMESPACE, "--wait", env=env, check=False)
+            for namespace in made:
+                run("kubectl", "delete", "namespace", namespace, "--wait", env=env, check=False)
         return
     up, down, load = kit_script("up.sh"), KIT / "down.sh", KIT / "load-image.sh"
     work = tmp_path_factory.mktemp("cluster")
@@ -125,7 +184,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
             stand_in_base_image()
         docker("build", "--network", "host", "--tag", APP_IMAGE, str(REPO), timeout=900)
-        docker("save", "-o", str(work / "app.tar"), APP_IMAGE)
+        docker("tag", APP_IMAGE, NEXT_IMAGE)
+        docker("save", "-o", str(work / "app.tar"), APP_IMAGE, NEXT_IMAGE)
+        if docker("image", "inspect", POSTGRES_IMAGE, check=False).returncode != 0:
+            run(str(REPO / ".ci" / "make-postgres-image.sh"), POSTGRES_IMAGE, timeout=600)
+        docker("save", "-o", str(work / "postgres.tar"), POSTGRES_IMAGE)
     # The chart's Redis image, made by the kit without Docker.
     run(
         str(KIT / "redis" / "make-redis-image.sh"), "--output", str(work / "redis.tar"), timeout=600
@@ -144,9 +207,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             timeout=600,
         ).stdout
         env = dict(line.split("=", 1) for line in printed.split("\0") if "=" in line)
-        for archive in ("app.tar", "redis.tar"):
+        for archive in ("app.tar", "redis.tar", "postgres.tar"):
             run(str(load), str(work / archive), env=env, timeout=300)
-        print(f"\ncluster up with both images in {time.monotonic() - started:.0f} s")
+        print(f"\ncluster up with its images in {time.monotonic() - started:.0f} s")
         yield Cluster(env)
     finally:
         run(str(down), "--wipe", env={**os.environ, **state}, check=False, timeout=300)
@@ -155,13 +218,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def test_an_install_with_no_values_is_admitted_under_restricted_and_passes_helm_test(
     cluster: Cluster,
 ) -> None:
-    run("kubectl", "create", "namespace", NAMESPACE, env=cluster.env)
-    cluster.kubectl(
-        "label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted"
-    )
-    cluster.helm("install", RELEASE, str(CHART), "--wait", "--timeout", "5m")
+    cluster = cluster.within(NAMESPACE)
+    cluster.install()
     assert cluster.app_pod()
-    assert "Phase:          Succeeded" in cluster.helm("test", RELEASE).stdout
+    assert cluster.helm_test_passes()
     unhealthy = cluster.kubectl(
         "get", "events", "--field-selector", "reason=Unhealthy", "-o", "name"
     )
@@ -239,3 +299,304 @@ def test_a_task_outlives_its_pod_and_the_release(cluster: Cluster) -> None:
     with cluster.forwarded() as base_url:
         found = httpx.get(f"{base_url}/task/{task['id']}", headers=headers)
     assert found.status_code == 200 and found.json()["prompt"] == "keep me"
+
+
+# PostgreSQL and Redis as small Deployments, at the addresses ci/external-values.yaml names.
+STAND_INS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: db}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: postgres, namespace: db}
+spec:
+  selector: {matchLabels: {app: postgres}}
+  template:
+    metadata: {labels: {app: postgres}}
+    spec:
+      securityContext: {runAsUser: 70, runAsGroup: 70, fsGroup: 70}
+      containers:
+        - name: postgres
+          image: %(postgres)s
+          env:
+            - {name: POSTGRES_USER, value: agent}
+            - {name: POSTGRES_PASSWORD, value: db-password-ci}
+            - {name: POSTGRES_DB, value: agent}
+            - {name: PGDATA, value: /var/lib/postgresql/data/pgdata}
+          ports: [{containerPort: 5432}]
+          readinessProbe:
+            exec: {command: [pg_isready, -U, agent, -d, agent, -h, 127.0.0.1]}
+            periodSeconds: 2
+          volumeMounts:
+            - {name: data, mountPath: /var/lib/postgresql/data}
+            - {name: run, mountPath: /var/run/postgresql}
+      volumes: [{name: data, emptyDir: {}}, {name: run, emptyDir: {}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: postgres, namespace: db}
+spec:
+  selector: {app: postgres}
+  ports: [{port: 5432}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: cache}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: redis, namespace: cache}
+spec:
+  selector: {matchLabels: {app: redis}}
+  template:
+    metadata: {labels: {app: redis}}
+    spec:
+      securityContext: {runAsUser: 999, runAsGroup: 1000}
+      containers:
+        - name: redis
+          image: %(redis)s
+          args: [--requirepass, redis-password-ci]
+          ports: [{containerPort: 6379}]
+          readinessProbe: {tcpSocket: {port: 6379}, periodSeconds: 2}
+          volumeMounts: [{name: data, mountPath: /data}]
+      volumes: [{name: data, emptyDir: {}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: redis, namespace: cache}
+spec:
+  selector: {app: redis}
+  ports: [{port: 6379}]
+---
+# The Prometheus Operator's kind, schemaless: enough for the API server to take the chart's object.
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors,
+          singular: servicemonitor}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"""
+
+CI_VALUES = CHART / "ci"
+SCALED = "scaled"  # the namespace of the PostgreSQL release
+CI_KEY = "ci-key-0123456789abcdef"  # ci/external-values.yaml's first key
+
+
+def test_the_existing_secret_values_install_and_pass_helm_test(cluster: Cluster) -> None:
+    """ci/existing-secret-values.yaml: the keys and the volume made outside the chart."""
+    cluster.helm("uninstall", RELEASE, "--wait", "--ignore-not-found")  # room for what follows
+    own = cluster.within("own-secret", release="own")
+    own.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "reasoning-agent-keys",
+        "--from-literal=keys.txt=team:team-key-0123456789abcdef",
+        "--from-literal=openai=sk-unused",
+    )
+    own.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input="""
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: reasoning-agent-data}
+spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+""",
+    )
+    own.install(CI_VALUES / "existing-secret-values.yaml")
+    assert own.helm_test_passes()
+    assert own.key("reasoning-agent-keys", "keys\\.txt") == "team-key-0123456789abcdef"
+    with own.forwarded() as base_url:
+        reply = httpx.post(
+            f"{base_url}/task",
+            json={"prompt": "their own secret"},
+            headers={"X-API-Key": "team-key-0123456789abcdef"},
+        )
+    assert reply.status_code == 200, reply.text
+    own.helm("uninstall", own.release, "--wait")
+    run("kubectl", "delete", "namespace", own.namespace, "--wait", env=cluster.env)
+    own.made.remove(own.namespace)
+
+
+@pytest.fixture(scope="module")
+def scaled(cluster: Cluster) -> Cluster:
+    """ci/external-values.yaml on PostgreSQL and Redis pods: 2 server pods kept by an HPA, the
+    migration hook, the worker, a PDB; no limit low enough to refuse the roll test's calls."""
+    stand_ins = STAND_INS % {"postgres": POSTGRES_IMAGE, "redis": REDIS_IMAGE}
+    run("kubectl", "apply", "-f", "-", input=stand_ins, env=cluster.env)
+    cluster.made.extend(["db", "cache"])
+    for where in ("db/postgres", "cache/redis"):
+        namespace, name = where.split("/")
+        run(
+            "kubectl", "-n", namespace, "rollout", "status", f"deployment/{name}",
+            "--timeout=3m", env=cluster.env, timeout=200,
+        )  # fmt: skip
+    release = cluster.within(SCALED, release="scaled")
+    release.install(
+        CI_VALUES / "external-values.yaml",
+        sets=(
+            "config.llmProvider=mock",
+            "config.rateLimit=1000000/minute",
+            "autoscaling.enabled=true",
+        ),
+        # The ingress controller the file admits, and the in-cluster caller of the roll test.
+        set_json=(
+            "networkPolicy.ingressFrom=["
+            '{"namespaceSelector": {"matchLabels": '
+            '{"kubernetes.io/metadata.name": "ingress-nginx"}}},'
+            '{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "caller"}}}]',
+        ),
+    )
+    return release
+
+
+def test_the_scaled_out_values_install_with_their_hook_worker_hpa_and_pdb(scaled: Cluster) -> None:
+    objects = scaled.kubectl("get", "hpa,pdb,deployments,servicemonitors", "-o", "name").split()
+    name = f"{scaled.release}-reasoning-agent"
+    for expected in (
+        f"horizontalpodautoscaler.autoscaling/{name}",
+        f"poddisruptionbudget.policy/{name}",
+        f"deployment.apps/{name}-worker",
+        f"servicemonitor.monitoring.coreos.com/{name}",
+    ):
+        assert expected in objects
+    assert migrations_completed(scaled), "the migration hook Job did not run"
+    deadline = time.monotonic() + 120
+    while len(scaled.app_pod().split()) < 2:  # the HPA's minReplicas
+        assert time.monotonic() < deadline, "the HPA never scaled the server to 2 pods"
+        time.sleep(2)
+    scaled.kubectl("rollout", "status", f"deployment/{name}", "--timeout=3m", timeout=200)
+    assert scaled.helm_test_passes()
+
+
+def test_a_background_task_submitted_to_one_replica_finishes_on_the_worker(
+    scaled: Cluster,
+) -> None:
+    headers = {"X-API-Key": CI_KEY}
+    with scaled.forwarded() as base_url:
+        accepted = httpx.post(
+            f"{base_url}/task", json={"prompt": "later", "mode": "async"}, headers=headers
+        )
+        assert accepted.status_code == 202, accepted.text
+        task_id = accepted.json()["id"]
+        deadline = time.monotonic() + 60
+        while (task := httpx.get(f"{base_url}/task/{task_id}", headers=headers).json())[
+            "status"
+        ] in ("queued", "running"):
+            assert time.monotonic() < deadline, task
+            time.sleep(0.5)
+    assert task["status"] == "completed" and task["answer"], task
+    worker_logs = scaled.kubectl(
+        "logs", f"deployment/{scaled.release}-reasoning-agent-worker", "--tail=-1"
+    )
+    assert task_id in worker_logs
+
+
+def migrations_completed(cluster: Cluster) -> list[str]:
+    """When the migration hook's Job completed, one time per run (from the Job's events)."""
+    return cluster.kubectl(
+        "get",
+        "events",
+        "--field-selector",
+        f"involvedObject.kind=Job,involvedObject.name={cluster.release}-reasoning-agent-migrate,"
+        "reason=Completed",
+        "-o",
+        'jsonpath={range .items[*]}{.lastTimestamp}{"\\n"}{end}',
+    ).split()
+
+
+# Calls the Service without pause until told to stop; one line per failure, then the counts.
+CALLER = """
+apiVersion: v1
+kind: Pod
+metadata: {name: caller, labels: {app.kubernetes.io/name: caller}}
+spec:
+  restartPolicy: Never
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65534
+    seccompProfile: {type: RuntimeDefault}
+  containers:
+    - name: caller
+      image: busybox:1.37
+      command: [sh, -c]
+      args:
+        - |
+          ok=0; failed=0; n=0
+          while [ ! -e /tmp/stop ] && [ $n -lt 50000 ]; do
+            n=$((n + 1))
+            if wget -q -T 10 -O /dev/null --header "X-API-Key: %(key)s" \\
+                --header "Content-Type: application/json" --post-data '{"prompt": "roll"}' \\
+                http://%(service)s:8000/task 2>/tmp/error; then
+              ok=$((ok + 1)); echo $ok > /tmp/ok
+            else
+              failed=$((failed + 1)); echo "FAILED $(date +%%T) $(cat /tmp/error)"
+            fi
+          done
+          echo "ok=$ok failed=$failed"
+      securityContext:
+        allowPrivilegeEscalation: false
+        capabilities: {drop: [ALL]}
+      volumeMounts: [{name: tmp, mountPath: /tmp}]
+  volumes: [{name: tmp, emptyDir: {}}]
+"""
+
+
+def test_an_image_upgrade_migrates_first_and_fails_no_call_during_the_roll(
+    scaled: Cluster,
+) -> None:
+    name = f"{scaled.release}-reasoning-agent"
+    scaled.kubectl("apply", "-f", "-", input=CALLER % {"key": CI_KEY, "service": name})
+    scaled.kubectl("wait", "--for=condition=Ready", "pod/caller", "--timeout=60s")
+
+    def calls() -> int:
+        done = scaled.kubectl("exec", "caller", "--", "cat", "/tmp/ok", check=False).strip()
+        return int(done or 0)
+
+    deadline = time.monotonic() + 60
+    while calls() < 20:
+        assert time.monotonic() < deadline, "the caller never got through"
+        time.sleep(0.5)
+    before = len(migrations_completed(scaled))
+    scaled.upgrade(f"image.tag={NEXT_IMAGE.split(':')[1]}")
+    scaled.kubectl("rollout", "status", f"deployment/{name}", "--timeout=3m", timeout=200)
+    time.sleep(3)  # calls to the new pods only
+    scaled.kubectl("exec", "caller", "--", "touch", "/tmp/stop")
+    scaled.kubectl(
+        "wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/caller", "--timeout=60s"
+    )
+    log = scaled.kubectl("logs", "caller")
+    counts = dict(part.split("=") for part in log.strip().splitlines()[-1].split())
+    assert int(counts["failed"]) == 0, log
+    assert int(counts["ok"]) > 50, log
+
+    pods = json.loads(
+        scaled.kubectl("get", "pods", "-l", "app.kubernetes.io/component=server", "-o", "json")
+    )["items"]
+    images = [
+        pod["spec"]["containers"][0]["image"]
+        for pod in pods
+        if "deletionTimestamp" not in pod["metadata"]  # the old ones may still be stopping
+    ]
+    assert images and all(image.endswith(NEXT_IMAGE) for image in images), images
+    completed = migrations_completed(scaled)
+    assert len(completed) == before + 1, "the upgrade ran no migration hook"
+    new_set = scaled.kubectl(
+        "get", "rs", "-l", "app.kubernetes.io/component=server", "-o",
+        "jsonpath={range .items[*]}{.spec.template.spec.containers[0].image} "
+        "{.metadata.creationTimestamp}{\"\\n\"}{end}",
+    )  # fmt: skip
+    rolled_at = next(
+        line.split()[1] for line in new_set.splitlines() if line.split()[0].endswith(NEXT_IMAGE)
+    )
+    assert max(completed) <= rolled_at, (completed, rolled_at)  # the hook ran before the roll

@@ -249,7 +249,8 @@ def test_the_app_pod_has_probes_resources_and_a_grace_period_past_the_llm_deadli
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["startupProbe"]["httpGet"]["path"] == "/livez"
     assert container["resources"]["requests"] and container["resources"]["limits"]
-    assert pod["terminationGracePeriodSeconds"] > 90
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert pod["terminationGracePeriodSeconds"] > 90 + 5  # the delay, then the deadline
     configmap = find(docs, "ConfigMap", "ra-reasoning-agent")
     assert configmap["data"]["LLM_TIMEOUT_S"] == "90"
     assert container["envFrom"] == [{"configMapRef": {"name": "ra-reasoning-agent"}}]
@@ -712,11 +713,27 @@ def test_redis_admits_only_the_server_and_worker_pods_by_default() -> None:
     assert {name for name, labels in pods.items() if admitted(labels)} == {"server", "worker"}
 
 
+def test_the_shutdown_delay_is_the_servers_alone_and_can_be_turned_off() -> None:
+    docs = render(EXTERNAL, sets={"shutdownDelaySeconds": "12"})
+    server = app_deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "12"]
+    worker = find(docs, "Deployment", "ra-reasoning-agent-worker")["spec"]["template"]["spec"]
+    assert "lifecycle" not in worker["containers"][0]  # no Service sends it connections
+    off = render(EXTERNAL, sets={"shutdownDelaySeconds": "0"})
+    assert "lifecycle" not in app_deployment(off)["spec"]["template"]["spec"]["containers"][0]
+
+
 def test_the_metrics_port_has_its_own_peers_so_a_scraper_is_not_held_to_the_apis() -> None:
     docs = render(EXTERNAL)  # its ingressFrom admits one namespace to the API
     app = policies(docs)["ra-reasoning-agent"]
     by_port = {rule["ports"][0]["port"]: rule.get("from") for rule in app["ingress"]}
     ingress_nginx = {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
-    assert by_port["http"] == [{"namespaceSelector": ingress_nginx}]
+    test_pod = find(docs, "Pod")["metadata"]["labels"]
+    ingress, own_test = by_port["http"]
+    assert ingress == {"namespaceSelector": ingress_nginx}
+    assert own_test["podSelector"]["matchLabels"].items() <= test_pod.items()  # helm test
+    assert app_deployment(docs)["spec"]["template"]["metadata"]["labels"][
+        "app.kubernetes.io/component"
+    ] != own_test["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
     assert by_port["metrics"] == [{"podSelector": {}}]  # any pod of the namespace, by default
     assert by_port["metrics"] != by_port["http"]

@@ -288,8 +288,8 @@ spec:
   {{- end }}
 {{- end }}
 
-{{/* Longer than LLM_TIMEOUT_S and the background drain (10 s), so requests and jobs in flight
-     can finish after SIGTERM. */}}
+{{/* Longer than the server's shutdown delay, then LLM_TIMEOUT_S and the background drain
+     (10 s), so requests and jobs in flight can finish after SIGTERM. */}}
 {{- define "reasoning-agent.gracePeriod" -}}
-terminationGracePeriodSeconds: {{ add (int .Values.config.llmTimeoutS) 25 }}
+terminationGracePeriodSeconds: {{ add (int .Values.config.llmTimeoutS) 25 (int .Values.shutdownDelaySeconds) }}
 {{- end }}
