@@ -60,14 +60,17 @@ dashboard: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) bench/dashboard.py
 
-# The whole suite on SQLite, then every test that touches the database again on PostgreSQL.
-test: test-sqlite test-postgres test-cluster
+# The whole suite on SQLite; then, side by side, every test that touches the database again on
+# PostgreSQL and the chart on the real cluster (which mostly waits on pods, and needs neither).
+test: test-sqlite
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-postgres test-cluster
 
 test-sqlite: install tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PARALLEL) --ignore=tests/cluster $(PYTEST_ARGS)
 
-# The chart on the real single-node Kubernetes of ../shared/k8s, alone: it takes the host's
-# network and Docker engine as a whole. Skips where the kit or root is missing; fails in CI.
+# The chart on the real single-node Kubernetes of ../shared/k8s, apart from the image tests: it
+# takes the Docker engine and the host's network as a whole. Skips where the kit or root is
+# missing; fails in CI.
 test-cluster: install tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 

@@ -2,9 +2,9 @@
 kubelet with containerd, kube-proxy, CoreDNS, Helm 4): what a new user and then an operator do,
 step by step. The tests run in file order and share one cluster and one release.
 
-`make test-cluster` runs this module alone, after the rest of the suite (it uses the Docker
-engine and the host's network as a whole). With RA_TEST_KUBECONFIG it runs against that cluster
-instead (CI's kind job), whose nodes already hold the app's image.
+`make test-cluster` runs this module apart from the image tests (it uses the Docker engine and
+the host's network as a whole), beside the PostgreSQL pass. With RA_TEST_KUBECONFIG it runs
+against that cluster instead (CI's kind job), whose nodes already hold the app's images.
 """
 
 from __future__ import annotations
@@ -186,13 +186,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         docker("build", "--network", "host", "--tag", APP_IMAGE, str(REPO), timeout=900)
         docker("tag", APP_IMAGE, NEXT_IMAGE)
         docker("save", "-o", str(work / "app.tar"), APP_IMAGE, NEXT_IMAGE)
+        # Stand-ins kept in the engine, as the compose test keeps its own.
         if docker("image", "inspect", POSTGRES_IMAGE, check=False).returncode != 0:
             run(str(REPO / ".ci" / "make-postgres-image.sh"), POSTGRES_IMAGE, timeout=600)
         docker("save", "-o", str(work / "postgres.tar"), POSTGRES_IMAGE)
-    # The chart's Redis image, made by the kit without Docker.
-    run(
-        str(KIT / "redis" / "make-redis-image.sh"), "--output", str(work / "redis.tar"), timeout=600
-    )
+        if docker("image", "inspect", REDIS_IMAGE, check=False).returncode != 0:
+            run(str(KIT / "redis" / "make-redis-image.sh"), REDIS_IMAGE, timeout=600)
+        docker("save", "-o", str(work / "redis.tar"), REDIS_IMAGE)
     state = {
         "K8S_STATE": str(work / "k8s"),
         "K8S_CACHE": str(REPO / ".tools" / "k8s-cache"),  # etcd's download, kept between runs
