@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 import threading
 import time
@@ -32,6 +34,15 @@ class Step:
     chunked: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
+    # For a streamed request (`stream: true`): the answer's pieces (default: its words), the
+    # reasoning's pieces sent first, a pause before each piece, a silence before the first,
+    # a dropped connection after `break_after` pieces, and the usage chunk (None: none sent).
+    pieces: list[str] | None = None
+    reasoning: list[str] = field(default_factory=list)
+    pause: float = 0.0
+    silence: float = 0.0
+    break_after: int | None = None
+    usage: dict[str, Any] | None = field(default_factory=lambda: {"default": True})
 
 
 @dataclass
@@ -122,6 +133,8 @@ class FakeOpenAI:
             return JSONResponse(step.body, headers=step.headers)
         prompt = body["messages"][-1]["content"]
         answer = f"fake answer to: {prompt}"
+        if body.get("stream"):
+            return self._streamed(request, body, step, answer, prompt)
         return JSONResponse(
             {
                 "id": "chatcmpl-fake",
@@ -143,6 +156,51 @@ class FakeOpenAI:
             },
             headers=step.headers,
         )
+
+    def _streamed(
+        self, request: Request, body: dict[str, Any], step: Step, answer: str, prompt: str
+    ) -> StreamingResponse:
+        """Chat completion chunks as Server-Sent Events, as OpenAI streams them."""
+        pieces = step.pieces if step.pieces is not None else re.findall(r"\s*\S+", answer)
+        usage = step.usage
+        if usage is not None and usage.get("default"):
+            usage = {
+                "prompt_tokens": len(prompt.split()),
+                "completion_tokens": len(pieces) + len(step.reasoning),
+                "total_tokens": len(prompt.split()) + len(pieces) + len(step.reasoning),
+            }
+        model = body.get("model", "fake-model")
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(
+            delta: dict[str, Any] | None, *, finish: str | None = None, usage: Any = None
+        ) -> bytes:
+            choices = [] if delta is None else [{"index": 0, "delta": delta}]
+            if finish:
+                choices[0]["finish_reason"] = finish
+            payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0}
+            payload.update(model=model, choices=choices, usage=usage)
+            return f"data: {json.dumps(payload)}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
+            yield chunk({"role": "assistant", "content": ""})
+            if step.silence:
+                await asyncio.sleep(step.silence)
+            parts = [("reasoning_content", r) for r in step.reasoning]
+            parts += [("content", p) for p in pieces]
+            for sent, (kind, piece) in enumerate(parts):
+                if step.break_after is not None and sent >= step.break_after:
+                    request.receive.__self__.transport.abort()  # type: ignore[attr-defined]
+                    return
+                if step.pause:
+                    await asyncio.sleep(step.pause)
+                yield chunk({kind: piece})
+            yield chunk({}, finish="stop")
+            if wants_usage and usage is not None:
+                yield chunk(None, usage=usage)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=step.headers)
 
 
 def _free_port() -> int:

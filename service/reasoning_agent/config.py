@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_model: str = Field("gpt-4o-mini", min_length=1)
     llm_max_attempts: int = Field(3, ge=1, le=20)
+    # Models that take `max_completion_tokens` and no `temperature` (a regular expression).
+    reasoning_models: str = r"^(o[1-9]|gpt-5)"
+    # A comment line on every event stream that has sent nothing for this long.
+    stream_heartbeat_s: float = Field(15.0, gt=0, le=3600)
+    # What a streamed task does when its client goes: runs to its end, or is cancelled.
+    stream_on_disconnect: Literal["continue", "cancel"] = "continue"
+    # How long a task's events stay to be followed once it has ended.
+    stream_events_ttl_s: float = Field(600.0, gt=0)
+    mock_stream_delay_ms: float = Field(20.0, ge=0, le=10_000)
     llm_timeout_s: float = Field(60.0, gt=0, le=3600)
     llm_max_response_bytes: int = Field(8 * 2**20, ge=1024)
     max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
@@ -71,6 +80,15 @@ class Settings(BaseSettings):
             parsed = []
         if not parsed:
             raise ValueError("expected limits syntax such as 60/minute or 60/minute;1000/day")
+        return value
+
+    @field_validator("reasoning_models")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
         return value
 
     @field_validator("admin_keys")

@@ -65,10 +65,12 @@ class ServiceError(Exception):
         self.headers = headers or {}
         self.extra = extra or {}
 
+    def body(self) -> dict[str, Any]:
+        """The JSON every error answers with, as a stream's `error` event carries it too."""
+        return {"error": {"type": self.type, "message": self.message, **self.extra}}
+
     def response(self) -> JSONResponse:
-        return error_response(
-            self.status, self.type, self.message, headers=self.headers, extra=self.extra
-        )
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class BadRequest(ServiceError):

@@ -66,7 +66,9 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         local_share=settings.workers,
     )
     provider = load_provider(settings)
-    agent = ReasoningAgent(provider, timeout_s=settings.llm_timeout_s)
+    agent = ReasoningAgent(
+        provider, timeout_s=settings.llm_timeout_s, reasoning_models=settings.reasoning_models
+    )
     runner: Runner
     if settings.uses_arq and redis_url is not None:
         runner = ArqRunner(redis_url)
@@ -94,6 +96,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             tasks=tasks,
         )
     finally:
+        await tasks.drain(timeout_s=settings.llm_timeout_s)  # streamed answers still coming
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewing

@@ -237,3 +237,53 @@ def test_an_upstream_that_cannot_be_reached_is_a_connection_error_not_a_timeout(
     assert error.code == "connection_error" and error.outcome == "connection_error"
     outcomes = [r.outcome for r in caplog.records if r.getMessage() == "llm attempt"]
     assert outcomes == ["connection_error"] * 2
+
+
+def test_a_reasoning_model_gets_max_completion_tokens_and_no_temperature(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    asked = {"temperature": 0.5, "max_tokens": 100, "reasoning_effort": "high"}
+    with service.client() as client:
+        task = client.post("/task", json={"prompt": "think", "model": "o4-mini", **asked}).json()
+    sent = fake_llm.requests[-1].body
+    assert sent["model"] == "o4-mini"
+    assert sent["max_completion_tokens"] == 100 and "max_tokens" not in sent
+    assert "temperature" not in sent and sent["reasoning_effort"] == "high"
+    assert task["dropped_params"] == ["temperature"]
+    assert task["temperature"] == 0.5 and task["reasoning_effort"] == "high"  # as asked
+
+
+def test_other_models_get_what_they_asked_for(service: Service, fake_llm: FakeOpenAI) -> None:
+    asked = {"temperature": 0.5, "max_tokens": 100, "reasoning_effort": "low"}
+    with service.client() as client:
+        task = client.post("/task", json={"prompt": "plain", "model": "gpt-4o", **asked}).json()
+    sent = fake_llm.requests[-1].body
+    assert (sent["temperature"], sent["max_tokens"], sent["reasoning_effort"]) == (0.5, 100, "low")
+    assert "max_completion_tokens" not in sent and task["dropped_params"] == []
+
+
+def test_reasoning_text_and_tokens_are_kept_apart_from_the_answer(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    message = {"role": "assistant", "content": "42", "reasoning_content": "6 times 7"}
+    usage = {
+        "prompt_tokens": 10,
+        "completion_tokens": 30,
+        "total_tokens": 40,
+        "completion_tokens_details": {"reasoning_tokens": 25},
+    }
+    fake_llm.script(Step(body={"choices": [{"message": message}], "usage": usage}))
+    with service.client() as client:
+        task = client.post("/task", json={"prompt": "reason", "model": "deepseek-r1"}).json()
+        again = client.get(f"/task/{task['id']}").json()
+    for shown in (task, again):
+        assert shown["answer"] == "42" and shown["reasoning"] == "6 times 7"
+        assert shown["usage"] == {
+            "prompt_tokens": 10,
+            "completion_tokens": 30,
+            "total_tokens": 40,  # the reasoning tokens are in the completion already
+            "reasoning_tokens": 25,
+        }
+    with service.client() as client:  # alice reads /metrics
+        metrics = client.get("/metrics").text
+    assert 'reasoning_agent_llm_tokens_total{direction="reasoning",key="alice"} 25.0' in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,19 +20,26 @@ def sha256(text: str) -> str:
 
 
 def test_store_prompts_false_keeps_no_text(start_service: StartService) -> None:
-    service = start_service(STORE_PROMPTS="false", LLM_PROVIDER="mock")
+    service = start_service(STORE_PROMPTS="false", LLM_PROVIDER="mock", MOCK_STREAM_DELAY_MS="0")
     prompt = "a confidential prompt about project kestrel"
     with service.client() as client:
         posted = client.post("/task", json={"prompt": prompt, "system": "be terse"}).json()
         assert posted["prompt"] == prompt and posted["answer"].startswith("[mock answer")
+        assert "answers them all alike" in posted["reasoning"]
+        streamed = client.post("/task", json={"prompt": f"{prompt}, streamed", "stream": True})
+        done = json.loads(streamed.text.strip().split("\n")[-1].removeprefix("data: "))
+        assert done["answer"].startswith("[mock answer") and done["reasoning"]  # the caller's
         stored = client.get(f"/task/{posted['id']}").json()
         assert stored["prompt"] is None and stored["answer"] is None and stored["system"] is None
+        assert stored["reasoning"] is None
+        assert client.get(f"/task/{done['id']}").json()["answer"] is None
         assert stored["prompt_chars"] == len(prompt) and stored["prompt_sha256"] == sha256(prompt)
         assert stored["answer_chars"] == len(posted["answer"])
         assert stored["answer_sha256"] == sha256(posted["answer"])
         assert client.get("/query", params={"q": "kestrel"}).json()["items"] == []
     dump = repr(query(service.env["DATABASE_URL"], "SELECT * FROM tasks"))
     assert "kestrel" not in dump and "terse" not in dump and "[mock answer" not in dump
+    assert "alike" not in dump
     assert sha256(prompt) in dump
 
 

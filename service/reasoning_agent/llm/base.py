@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
@@ -17,6 +17,7 @@ from reasoning_agent.tasks.status import ErrorType
 __all__ = [
     "AnswerTooLarge",
     "DeadlineExceeded",
+    "Delta",
     "LLMError",
     "LLMProvider",
     "LLMRequest",
@@ -24,7 +25,10 @@ __all__ = [
     "MalformedAnswer",
     "NoAnswer",
     "NotConfigured",
+    "OnDelta",
     "ProviderFactory",
+    "StreamBroken",
+    "StreamingProvider",
     "UpstreamError",
     "UpstreamUnreachable",
     "attempt_span",
@@ -40,6 +44,9 @@ class LLMRequest:
     model: str
     temperature: float | None = None
     max_tokens: int | None = None
+    reasoning_effort: str | None = None
+    # A reasoning model (REASONING_MODELS): its output limit is `max_completion_tokens`.
+    reasoning_model: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +58,19 @@ class LLMResult:
     prompt_tokens: int | None
     completion_tokens: int | None
     attempts: int
+    reasoning: str | None = None  # reasoning text the upstream sent beside the answer
+    reasoning_tokens: int | None = None  # part of completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of the answer, or of the reasoning, as the upstream streams it."""
+
+    text: str = ""
+    reasoning: str = ""
+
+
+OnDelta = Callable[[Delta], Awaitable[None]]
 
 
 @dataclass(kw_only=True)
@@ -78,6 +98,13 @@ class UpstreamUnreachable(UpstreamError):
 
     code = ErrorType.CONNECTION_ERROR
     outcome = "connection_error"
+
+
+class StreamBroken(UpstreamError):
+    """The upstream failed after a part of the answer had been passed on: not retried, since
+    the caller has seen it."""
+
+    outcome = "stream_broken"
 
 
 class MalformedAnswer(UpstreamError):
@@ -130,6 +157,17 @@ class LLMProvider(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class StreamingProvider(LLMProvider, Protocol):
+    """A provider that can pass the answer on as it arrives; the agent streams any other
+    provider's answer as one piece."""
+
+    async def stream(self, request: LLMRequest, *, deadline: float, on_delta: OnDelta) -> LLMResult:
+        """As `complete`, awaiting `on_delta` for each piece first; retries only before the
+        first piece (after it, StreamBroken)."""
+        ...
+
+
 ProviderFactory = Callable[[Settings], LLMProvider]
 
 
@@ -146,6 +184,8 @@ def attempt_span(provider: str, request: LLMRequest, attempt: int) -> Iterator[S
                 current.set_attribute("gen_ai.request.temperature", request.temperature)
             if request.max_tokens is not None:
                 current.set_attribute("gen_ai.request.max_tokens", request.max_tokens)
+            if request.reasoning_effort is not None:
+                current.set_attribute("openai.request.reasoning_effort", request.reasoning_effort)
             if capture_content():
                 current.set_attribute("gen_ai.input.messages", json.dumps(request.messages))
         yield current
@@ -161,6 +201,8 @@ def record_result(current: Span, result: LLMResult) -> None:
         current.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
     if result.completion_tokens is not None:
         current.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+    if result.reasoning_tokens is not None:
+        current.set_attribute("gen_ai.usage.reasoning_tokens", result.reasoning_tokens)
     if capture_content():
         current.set_attribute(
             "gen_ai.output.messages", json.dumps([{"role": "assistant", "content": result.answer}])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -13,6 +15,7 @@ import aiohttp
 import httpx2
 import openai
 from openai._constants import RAW_RESPONSE_HEADER
+from openai.types.chat import ChatCompletionChunk
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -27,11 +30,14 @@ from reasoning_agent.config import Settings
 from reasoning_agent.llm.base import (
     AnswerTooLarge,
     DeadlineExceeded,
+    Delta,
     LLMError,
     LLMRequest,
     LLMResult,
     MalformedAnswer,
     NoAnswer,
+    OnDelta,
+    StreamBroken,
     UpstreamError,
     UpstreamUnreachable,
     attempt_span,
@@ -97,7 +103,11 @@ def _body(request: LLMRequest) -> dict[str, Any]:
     if request.temperature is not None:
         body["temperature"] = request.temperature
     if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
+        # Reasoning models refuse `max_tokens`: their limit covers the reasoning too.
+        limit = "max_completion_tokens" if request.reasoning_model else "max_tokens"
+        body[limit] = request.max_tokens
+    if request.reasoning_effort is not None:
+        body["reasoning_effort"] = request.reasoning_effort
     return body
 
 
@@ -131,20 +141,38 @@ def _parse(body: bytes, *, model: str, attempts: int) -> LLMResult:
             message="upstream sent a response that is not valid JSON", attempts=attempts
         ) from None
     try:
-        answer = payload["choices"][0]["message"]["content"]
+        message = payload["choices"][0]["message"]
+        answer = message["content"]
     except (KeyError, IndexError, TypeError):
-        answer = None
+        message, answer = None, None
     if not isinstance(answer, str):
         raise NoAnswer(message="upstream returned no answer", attempts=attempts)
-    usage = payload.get("usage")
-    usage = usage if isinstance(usage, dict) else {}
+    reasoning = message.get("reasoning_content")  # DeepSeek-R1 and alike
     named = payload.get("model")
+    prompt_tokens, completion_tokens, reasoning_tokens = usage_of(payload)
     return LLMResult(
         answer=answer,
         model=named if isinstance(named, str) and named else model,
-        prompt_tokens=_count(usage.get("prompt_tokens")),
-        completion_tokens=_count(usage.get("completion_tokens")),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        reasoning_tokens=reasoning_tokens,
+        reasoning=reasoning if isinstance(reasoning, str) and reasoning else None,
         attempts=attempts,
+    )
+
+
+def usage_of(payload: object) -> tuple[int | None, int | None, int | None]:
+    """Prompt, completion and reasoning tokens as the upstream reported them (None where it
+    did not); reasoning tokens are a part of the completion tokens."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return None, None, None
+    details = usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return (
+        _count(usage.get("prompt_tokens")),
+        _count(usage.get("completion_tokens")),
+        _count(reasoning),
     )
 
 
@@ -233,8 +261,30 @@ class OpenAIProvider:
 
     async def complete(self, request: LLMRequest, *, deadline: float) -> LLMResult:
         assert self._client is not None, "complete() called on an unconfigured provider"
+        return await self._retried(
+            lambda number: self._attempt(request, number, deadline), deadline=deadline
+        )
+
+    async def stream(self, request: LLMRequest, *, deadline: float, on_delta: OnDelta) -> LLMResult:
+        assert self._client is not None, "stream() called on an unconfigured provider"
+        passed = _Passed(on_delta)
+        return await self._retried(
+            lambda number: self._attempt_stream(request, number, deadline, passed),
+            deadline=deadline,
+            again=lambda: not passed.chars and not passed.reasoning_chars,
+        )
+
+    async def _retried(
+        self,
+        attempt_number: Callable[[int], Awaitable[LLMResult]],
+        *,
+        deadline: float,
+        again: Callable[[], bool] = lambda: True,
+    ) -> LLMResult:
+        """One call under the retry policy: transient failures are tried again while `again()`
+        says so, within the attempts and the deadline."""
         retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(lambda exc: _is_transient(exc) and again()),
             wait=_Wait(),
             stop=stop_any(stop_after_attempt(self._max_attempts), _StopBefore(deadline)),
             reraise=True,
@@ -244,7 +294,7 @@ class OpenAIProvider:
             return int(retrying.statistics["attempt_number"])
 
         async def attempt() -> LLMResult:  # a coroutine function, or tenacity will not await it
-            return await self._attempt(request, attempts(), deadline)
+            return await attempt_number(attempts())
 
         try:
             return await retrying(attempt)
@@ -310,9 +360,147 @@ class OpenAIProvider:
             record_result(current, result)
             return result
 
+    async def _attempt_stream(
+        self, request: LLMRequest, number: int, deadline: float, passed: _Passed
+    ) -> LLMResult:
+        """One streamed call: each piece passed on as it comes, usage from the last chunk."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(message="deadline reached before the call", attempts=number - 1)
+        assert self._client is not None
+        started = time.monotonic()
+        first_token_ms: float | None = None
+        error: BaseException | None = None
+        answer: list[str] = []
+        reasoning: list[str] = []
+        named = request.model
+        usage: tuple[int | None, int | None, int | None] = (None, None, None)
+        with attempt_span(self.name, request, number) as current:
+            try:
+                async with asyncio.timeout(remaining):
+                    chunks = await self._client.chat.completions.create(
+                        **_body(request),
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        timeout=remaining,
+                        extra_headers=inject_headers() or None,
+                    )
+                    async with chunks:
+                        async for chunk in _guarded(chunks, passed, number):
+                            named = chunk.model or named
+                            if chunk.usage is not None:
+                                usage = usage_of({"usage": chunk.usage.model_dump()})
+                            delta = _delta_of(chunk)
+                            if delta is None:
+                                continue
+                            if first_token_ms is None:
+                                first_token_ms = round((time.monotonic() - started) * 1000, 1)
+                                metrics.FIRST_TOKEN_SECONDS.labels(
+                                    self.name, metrics.model_label(request.model)
+                                ).observe(first_token_ms / 1000)
+                                if current.is_recording():
+                                    current.add_event("first_token")
+                            answer.append(delta.text)
+                            reasoning.append(delta.reasoning)
+                            if passed.chars + passed.reasoning_chars > self._max_response_bytes:
+                                raise _too_large(self._max_response_bytes, number)
+                            await passed.forward(delta)
+            except TimeoutError:
+                error = DeadlineExceeded(
+                    message=f"upstream stream not finished by the deadline after {passed.chars}"
+                    " characters",
+                    attempts=number,
+                )
+                raise error from None
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                outcome = _outcome(error)
+                if current.is_recording():
+                    current.set_attribute("reasoning_agent.llm.outcome", outcome)
+                metrics.LLM_ATTEMPTS.labels(
+                    self.name, metrics.model_label(request.model), outcome
+                ).inc()
+                log.info(
+                    "llm attempt",
+                    extra={
+                        "provider": self.name,
+                        "model": request.model,
+                        "attempt": number,
+                        "outcome": outcome,
+                        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                        "first_token_ms": first_token_ms,
+                    },
+                )
+            if first_token_ms is None:
+                raise NoAnswer(message="upstream streamed no answer", attempts=number)
+            prompt_tokens, completion_tokens, reasoning_tokens = usage
+            result = LLMResult(
+                answer="".join(answer),
+                model=named,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                reasoning_tokens=reasoning_tokens,
+                reasoning="".join(reasoning) or None,
+                attempts=number,
+            )
+            record_result(current, result)
+            return result
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+class _Passed:
+    """What a stream has passed on so far, across its attempts."""
+
+    def __init__(self, on_delta: OnDelta) -> None:
+        self._on_delta = on_delta
+        self.chars = 0
+        self.reasoning_chars = 0
+
+    async def forward(self, delta: Delta) -> None:
+        self.chars += len(delta.text)
+        self.reasoning_chars += len(delta.reasoning)
+        await self._on_delta(delta)
+
+
+async def _guarded(
+    chunks: AsyncIterator[ChatCompletionChunk], passed: _Passed, number: int
+) -> AsyncIterator[ChatCompletionChunk]:
+    """The chunks; a failure once something was passed on is StreamBroken (the caller has a
+    part of the answer), before that one the retry policy knows."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (LLMError, TimeoutError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        if passed.chars or passed.reasoning_chars:
+            raise StreamBroken(
+                message=f"upstream stream broke after {passed.chars} characters of the answer "
+                f"({_outcome(exc)})",
+                attempts=number,
+            ) from None
+        if isinstance(exc, openai.APIError):
+            raise
+        raise openai.APIConnectionError(
+            message=f"stream dropped: {exc.__class__.__name__}",
+            request=httpx2.Request("POST", "/chat/completions"),
+        ) from exc
+
+
+def _delta_of(chunk: ChatCompletionChunk) -> Delta | None:
+    """The answer and reasoning text in a chunk; None for chunks with neither (role, usage)."""
+    if not chunk.choices:
+        return None
+    piece = chunk.choices[0].delta
+    text = piece.content or ""
+    reasoning = getattr(piece, "reasoning_content", None)
+    reasoning = reasoning if isinstance(reasoning, str) else ""
+    return Delta(text=text, reasoning=reasoning) if text or reasoning else None
 
 
 def _describe(exc: openai.APIError, attempts: int) -> str:

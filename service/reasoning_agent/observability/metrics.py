@@ -20,6 +20,7 @@ __all__ = [
     "AUTH_FAILURES",
     "CONTENT_TYPE_LATEST",
     "DATABASE_ERRORS",
+    "FIRST_TOKEN_SECONDS",
     "HTTP_IN_FLIGHT",
     "HTTP_REQUESTS",
     "HTTP_REQUEST_SECONDS",
@@ -29,6 +30,8 @@ __all__ = [
     "OVERHEAD_SECONDS",
     "RATE_LIMITED",
     "RATE_LIMIT_STORE_ERRORS",
+    "STREAMS_OPEN",
+    "STREAM_DISCONNECTS",
     "TASKS",
     "TOKENS",
     "RequestTiming",
@@ -66,13 +69,33 @@ LLM_CALLS = Counter(
     "Tasks sent to an LLM provider, by how the call (all its attempts) ended.",
     ["provider", "model", "outcome"],
 )
+FIRST_TOKEN_SECONDS = Histogram(
+    f"{_PREFIX}_llm_first_token_seconds",
+    "Time from a streamed attempt's start to the first piece of its answer.",
+    ["provider", "model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+)
+STREAMS_OPEN = Gauge(
+    f"{_PREFIX}_streams_open",
+    "Event streams being sent to clients.",
+    multiprocess_mode="livesum",
+)
+STREAM_DISCONNECTS = Counter(
+    f"{_PREFIX}_stream_disconnects",
+    "Clients gone before their stream ended, by what became of the task.",
+    ["task"],
+)
 LLM_SECONDS = Histogram(
     f"{_PREFIX}_llm_call_duration_seconds",
     "Time from the first attempt to the answer or the last failure.",
     ["provider", "model"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
 )
-TOKENS = Counter(f"{_PREFIX}_llm_tokens", "Tokens used, per API key name.", ["key", "direction"])
+TOKENS = Counter(
+    f"{_PREFIX}_llm_tokens",
+    "Tokens used, per API key name (`reasoning` is a part of `output`).",
+    ["key", "direction"],
+)
 OVERHEAD_SECONDS = Histogram(
     f"{_PREFIX}_overhead_seconds",
     "Time this service added to a request on top of its LLM call.",

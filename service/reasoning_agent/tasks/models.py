@@ -80,8 +80,13 @@ class Task(Base):
     temperature: Mapped[float | None] = mapped_column(Float)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    reasoning_effort: Mapped[str | None] = mapped_column(String(16))
+    # Parameters asked for that the model does not take, so they were not sent.
+    dropped_params: Mapped[list[str] | None] = mapped_column(JSON)
+    reasoning: Mapped[str | None] = mapped_column(Text)  # the model's reasoning, beside the answer
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    reasoning_tokens: Mapped[int | None] = mapped_column(Integer)  # part of completion_tokens
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     error_type: Mapped[ErrorType | None] = mapped_column(_Enum(ErrorType, 64))
@@ -102,10 +107,13 @@ class Task(Base):
         Index("ix_tasks_status_created", "status", "created_at"),
     )
 
-    def show_unstored(self, *, prompt: str, system: str | None, answer: str) -> None:
+    def show_unstored(
+        self, *, prompt: str, system: str | None, answer: str, reasoning: str | None = None
+    ) -> None:
         """Put texts that STORE_PROMPTS=false kept out of the database on this object only,
         for the caller's own answer; nothing marks them to be written."""
-        for name, value in (("prompt", prompt), ("system", system), ("answer", answer)):
+        texts = {"prompt": prompt, "system": system, "answer": answer, "reasoning": reasoning}
+        for name, value in texts.items():
             set_committed_value(self, name, value)
 
     @property
@@ -113,13 +121,14 @@ class Task(Base):
         """The tokens the upstream reported, or None when it reported none."""
         if self.prompt_tokens is None and self.completion_tokens is None:
             return None
-        return Usage(self.prompt_tokens, self.completion_tokens)
+        return Usage(self.prompt_tokens, self.completion_tokens, self.reasoning_tokens)
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int | None
     completion_tokens: int | None
+    reasoning_tokens: int | None = None  # counted in completion_tokens already
 
     @property
     def total_tokens(self) -> int:

@@ -146,6 +146,8 @@ class TaskRepository:
         max_tokens: int | None,
         metadata: dict[str, str],
         digest: str,
+        reasoning_effort: str | None = None,
+        dropped_params: list[str] | None = None,
         idempotency_key: str | None,
         trace_id: str | None,
         store_text: bool,
@@ -173,6 +175,8 @@ class TaskRepository:
             "model": model,
             "temperature": temperature,
             "max_tokens": max_tokens,
+            "reasoning_effort": reasoning_effort,
+            "dropped_params": dropped_params or None,
             "metadata": metadata,
             "attempts": 0,
             "trace_id": trace_id,
@@ -206,14 +210,17 @@ class TaskRepository:
         """Record the answer, made storable (an upstream's bytes must not lose a paid answer);
         with `expect`, only if the task is still in that status (and, running, ours)."""
         answer = storable(result.answer)
+        reasoning = storable(result.reasoning) if result.reasoning is not None else None
         values = {
             "status": TaskStatus.COMPLETED,
             "answer": answer if store_text else None,
             "answer_chars": len(answer),
             "answer_sha256": sha256(answer),
+            "reasoning": reasoning if store_text else None,
             "model": storable(result.model)[:_MODEL_CHARS],
             "prompt_tokens": _count(result.prompt_tokens),
             "completion_tokens": _count(result.completion_tokens),
+            "reasoning_tokens": _count(result.reasoning_tokens),
             "attempts": result.attempts,
             "latency_ms": latency_ms,
             "completed_at": datetime.now(UTC),
@@ -229,10 +236,13 @@ class TaskRepository:
         attempts: int,
         latency_ms: float,
         expect: TaskStatus | None = None,
+        partial: str | None = None,
+        store_text: bool = True,
     ) -> bool:
-        """Record why there is no answer; with `expect`, only if the task is still in that
-        status (and, running, ours)."""
-        values = {
+        """Record why there is no answer (and the `partial` answer a broken stream passed
+        on, which is paid for); with `expect`, only if the task is still in that status (and,
+        running, ours)."""
+        values: dict[str, Any] = {
             "status": TaskStatus.FAILED,
             "error_type": error_type,
             "error": message,
@@ -240,6 +250,11 @@ class TaskRepository:
             "latency_ms": latency_ms,
             "completed_at": datetime.now(UTC),
         }
+        if partial:
+            partial = storable(partial)
+            values["answer"] = partial if store_text else None
+            values["answer_chars"] = len(partial)
+            values["answer_sha256"] = sha256(partial)
         return await self._finish(task, values, expect)
 
     async def _finish(self, task: Task, values: dict[str, Any], expect: TaskStatus | None) -> bool:
@@ -316,14 +331,21 @@ class TaskRepository:
             .values(lease_until=datetime.now(UTC) + timedelta(seconds=self.lease_s))
         )
 
-    async def cancel(self, owner: str, task_id: str) -> bool:
-        """Cancel the owner's task if it is queued or running; False if it had already ended."""
+    async def cancel(
+        self,
+        owner: str,
+        task_id: str,
+        *,
+        statuses: tuple[TaskStatus, ...] = (TaskStatus.QUEUED, TaskStatus.RUNNING),
+    ) -> bool:
+        """Cancel the owner's task if it is in one of `statuses` (by default queued or
+        running); False if it was not."""
         changed = await self._commit_rows(
             update(Task)
             .where(
                 Task.id == task_id,
                 Task.owner == owner,
-                Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING)),
+                Task.status.in_(statuses),
             )
             .values(
                 status=TaskStatus.CANCELLED,

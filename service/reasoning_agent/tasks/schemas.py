@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
 
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.status import TaskStatus
@@ -78,7 +78,9 @@ class TaskIn(BaseModel):
     metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=32)] = Field(
         default_factory=dict
     )
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     mode: Literal["sync", "async"] = "sync"
+    stream: bool = False  # answer with Server-Sent Events as the answer arrives
 
 
 class Usage(BaseModel):
@@ -87,6 +89,7 @@ class Usage(BaseModel):
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
+    reasoning_tokens: int | None  # part of completion_tokens, not added to the total again
 
 
 class TaskOut(BaseModel):
@@ -99,6 +102,7 @@ class TaskOut(BaseModel):
     prompt: str | None
     system: str | None
     answer: str | None
+    reasoning: str | None
     prompt_chars: int | None
     prompt_sha256: str | None
     answer_chars: int | None
@@ -106,6 +110,10 @@ class TaskOut(BaseModel):
     model: str
     temperature: float | None
     max_tokens: int | None
+    reasoning_effort: str | None
+    dropped_params: Annotated[list[str], BeforeValidator(lambda value: value or [])] = Field(
+        description="parameters asked for that the model does not take, so not sent"
+    )
     metadata: dict[str, str] = Field(validation_alias="metadata_")
     usage: Usage | None
     attempts: int

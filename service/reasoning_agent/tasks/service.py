@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -25,9 +26,10 @@ from reasoning_agent.errors import (
     for_llm_error,
 )
 from reasoning_agent.llm.agent import ReasoningAgent
-from reasoning_agent.llm.base import LLMError, LLMResult
+from reasoning_agent.llm.base import Delta, LLMError, LLMResult, OnDelta
 from reasoning_agent.observability import metrics
 from reasoning_agent.runners.base import Runner
+from reasoning_agent.tasks.events import EventLog, TaskEvent
 from reasoning_agent.tasks.leases import MAX_TRIES, Leases
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.repository import (
@@ -39,7 +41,7 @@ from reasoning_agent.tasks.repository import (
     sha256,
     storable,
 )
-from reasoning_agent.tasks.schemas import TaskIn
+from reasoning_agent.tasks.schemas import TaskIn, TaskOut
 from reasoning_agent.tasks.status import ErrorType, TaskStatus
 
 __all__ = ["Submitted", "TaskService", "Verdict", "request_hash"]
@@ -86,8 +88,11 @@ class TaskService:
         runner: Runner,
         store_text: bool,
         max_prompt_chars: int,
+        events: EventLog | None = None,
     ) -> None:
         self.repository = repository
+        self.events = events or EventLog()
+        self._producers: dict[str, asyncio.Task[None]] = {}  # streamed tasks answering here
         self.leases = Leases(repository)
         self.agent = agent
         self.runner = runner
@@ -108,6 +113,30 @@ class TaskService:
         there is no answer. The row is written before the LLM is called, on every path: a
         call that is paid for always has a task to be recorded on."""
         self._check(body, background=background)
+        task, created, digest = await self._create(
+            body,
+            owner=owner,
+            status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
+            idempotency_key=idempotency_key,
+            trace_id=trace_id,
+        )
+        if not created:
+            return self._replay(task, digest, background=background)
+        if background:
+            await self._enqueue(task)
+            return Submitted(task, Verdict.ACCEPTED)
+        return await self._answer_now(task, body)
+
+    async def _create(
+        self,
+        body: TaskIn,
+        *,
+        owner: str,
+        status: TaskStatus,
+        idempotency_key: str | None,
+        trace_id: str | None,
+    ) -> tuple[Task, bool, str]:
+        """The stored task, whether it is new, and the digest of the request."""
         model = body.model or self.agent.default_model
         digest = request_hash(body, model)
         task, created = await self.repository.create(
@@ -117,19 +146,129 @@ class TaskService:
             model=model,
             temperature=body.temperature,
             max_tokens=body.max_tokens,
+            reasoning_effort=body.reasoning_effort,
+            dropped_params=self.agent.dropped_params(model, temperature=body.temperature),
             metadata=dict(body.metadata),
             digest=digest,
             idempotency_key=idempotency_key,
             trace_id=trace_id,
             store_text=self._store_text,
-            status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
+            status=status,
+        )
+        return task, created, digest
+
+    async def stream(
+        self,
+        body: TaskIn,
+        *,
+        owner: str,
+        idempotency_key: str | None = None,
+        trace_id: str | None = None,
+    ) -> tuple[Task, AsyncIterator[TaskEvent]]:
+        """Store the task and answer it in an asyncio task of its own, which outlives the
+        request; the task and its events (`task`, `delta`s, then `done` or `error`). A
+        repeated Idempotency-Key follows the first request's task instead."""
+        self._check(body, background=False)
+        task, created, digest = await self._create(
+            body,
+            owner=owner,
+            status=TaskStatus.PENDING,
+            idempotency_key=idempotency_key,
+            trace_id=trace_id,
         )
         if not created:
-            return self._replay(task, digest, background=background)
-        if background:
-            await self._enqueue(task)
-            return Submitted(task, Verdict.ACCEPTED)
-        return await self._answer_now(task, body)
+            if task.request_hash != digest:
+                raise InvalidRequest("Idempotency-Key was already used with a different request")
+            return task, self._events_after(task, 0)
+        self.events.publish(task.id, "task", _shown(task))
+        producer = asyncio.create_task(self._produce(task, body), name=f"stream {task.id}")
+        self._producers[task.id] = producer
+        producer.add_done_callback(lambda _: self._producers.pop(task.id, None))
+        return task, self.events.follow(task.id)
+
+    async def _produce(self, task: Task, body: TaskIn) -> None:
+        """Answer a streamed task, publishing each piece, then record and publish the end."""
+        started, answered = time.monotonic(), []
+
+        async def on_delta(delta: Delta) -> None:
+            if delta.reasoning:
+                self.events.publish(task.id, "delta", {"reasoning": delta.reasoning})
+            if delta.text:
+                answered.append(delta.text)
+                self.events.publish(task.id, "delta", {"text": delta.text})
+
+        try:
+            with self.leases.holding(task.id):
+                outcome = await self._ask(
+                    task, prompt=body.prompt, system=body.system, on_delta=on_delta
+                )
+                await self._record(task, outcome, partial="".join(answered))
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancelled(task, started))
+            raise
+        except ServiceError as exc:  # the outcome could not be stored
+            self.events.publish(task.id, "error", exc.body())
+            return
+        except Exception:
+            log.exception("streamed task %s failed unexpectedly", task.id)
+            error = ServiceError("the task failed unexpectedly", extra={"task_id": task.id})
+            self.events.publish(task.id, "error", error.body())
+            return
+        if outcome.error is not None:
+            failure = for_llm_error(outcome.error)
+            error = failure(str(outcome.error), extra={"task_id": task.id})
+            self.events.publish(task.id, "error", error.body())
+            return
+        assert outcome.result is not None
+        self._show_unstored(task, body, outcome.result)
+        self.events.publish(task.id, "done", _shown(task))
+
+    async def _cancelled(self, task: Task, started: float) -> None:
+        """A streamed task stopped by its caller: marked cancelled, and its followers told."""
+        try:
+            await self.repository.cancel(task.owner, task.id, statuses=(TaskStatus.PENDING,))
+            task = await self.repository.get(task.owner, task.id) or task
+        finally:
+            self.events.publish(task.id, "done", _shown(task))
+        log.info(
+            "streamed task %s cancelled after %.0f ms", task.id, (time.monotonic() - started) * 1000
+        )
+
+    async def events_of(
+        self, owner: str, task_id: str, *, after: int = 0
+    ) -> AsyncIterator[TaskEvent]:
+        """The events of one of `owner`'s tasks after `after`, live until its end; NotFound
+        (before any event) for another owner's task."""
+        task = await self.get(owner, task_id)
+        return self._events_after(task, after)
+
+    async def _events_after(self, task: Task, after: int) -> AsyncIterator[TaskEvent]:
+        if self.events.has(task.id):
+            async for event in self.events.follow(task.id, after=after):
+                yield event
+            return
+        # Not run here, or ended long ago: its start and end, from the database.
+        if after < 1:
+            yield TaskEvent(1, "task", _shown(task))
+        while task.status in (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING):
+            await asyncio.sleep(_POLL_S)
+            task = await self.repository.get(task.owner, task.id) or task
+        if task.status == TaskStatus.FAILED:
+            error = for_error_type(task.error_type)
+            body = error(task.error or "the task failed", extra={"task_id": task.id}).body()
+            yield TaskEvent(max(after, 1) + 1, "error", body)
+        else:
+            yield TaskEvent(max(after, 1) + 1, "done", _shown(task))
+
+    async def drain(self, *, timeout_s: float) -> None:
+        """Let streamed tasks still answering finish, then cancel what is left."""
+        if not self._producers:
+            return
+        _, late = await asyncio.wait(list(self._producers.values()), timeout=timeout_s)
+        for producer in late:
+            producer.cancel()
+        if late:
+            await asyncio.wait(late, timeout=5)
 
     def _check(self, body: TaskIn, *, background: bool) -> None:
         if len(body.prompt) > self._max_prompt_chars:
@@ -139,6 +278,11 @@ class TaskService:
         reason = self.agent.unconfigured_reason()
         if reason:
             raise ServiceUnavailable(f"the LLM provider is not configured: {reason}")
+        if background and body.stream:
+            raise InvalidRequest(
+                "stream and mode async exclude each other: follow a background task with "
+                "GET /task/{id}/events"
+            )
         if background and not self._store_text:
             raise InvalidRequest(
                 "background tasks need STORE_PROMPTS=true: the queued prompt is stored"
@@ -180,11 +324,21 @@ class TaskService:
         if outcome.error is not None:
             error = for_llm_error(outcome.error)
             raise error(str(outcome.error), extra={"task_id": task.id}) from None
-        if not self._store_text:  # the caller still gets its text; the database never had it
-            assert outcome.result is not None
-            answer = storable(outcome.result.answer)  # as the database would have had it
-            task.show_unstored(prompt=body.prompt, system=body.system, answer=answer)
+        assert outcome.result is not None
+        self._show_unstored(task, body, outcome.result)
         return Submitted(task, Verdict.COMPLETED)
+
+    def _show_unstored(self, task: Task, body: TaskIn, result: LLMResult) -> None:
+        """With STORE_PROMPTS=false the caller still gets its texts, as the database would
+        have had them; the database never had them."""
+        if self._store_text:
+            return
+        task.show_unstored(
+            prompt=body.prompt,
+            system=body.system,
+            answer=storable(result.answer),
+            reasoning=storable(result.reasoning) if result.reasoning is not None else None,
+        )
 
     def _replay(self, task: Task, digest: str, *, background: bool) -> Submitted:
         """Answer a repeated Idempotency-Key as the first request was answered."""
@@ -205,12 +359,31 @@ class TaskService:
         if task is None:
             return  # cancelled, finished, or a live process has it
         assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
+        self.events.publish(task.id, "task", _shown(task))
+
+        async def on_delta(delta: Delta) -> None:
+            if delta.reasoning:
+                self.events.publish(task.id, "delta", {"reasoning": delta.reasoning})
+            if delta.text:
+                self.events.publish(task.id, "delta", {"text": delta.text})
+
         with self.leases.holding(task.id):
-            outcome = await self._ask(task, prompt=task.prompt, system=task.system)
+            outcome = await self._ask(
+                task, prompt=task.prompt, system=task.system, on_delta=on_delta
+            )
             try:
                 await self._record(task, outcome, expect=TaskStatus.RUNNING)
             except ServiceError as exc:  # recorded as far as the database allowed
                 log.error("background task %s: %s", task.id, exc.message)
+                self.events.publish(task.id, "error", exc.body())
+                return
+        stored = await self.repository.get(task.owner, task.id) or task  # cancelled meanwhile?
+        if stored.status == TaskStatus.FAILED:
+            failure = for_error_type(stored.error_type)
+            error = failure(stored.error or "the task failed", extra={"task_id": task.id})
+            self.events.publish(task.id, "error", error.body())
+        else:
+            self.events.publish(task.id, "done", _shown(stored))
 
     async def resume(self) -> int:
         """Hand the runner what a stopped process left queued."""
@@ -242,7 +415,13 @@ class TaskService:
         return task
 
     async def cancel(self, owner: str, task_id: str) -> Task:
-        """Cancel a queued or running background task of `owner`'s."""
+        """Cancel a queued or running background task of `owner`'s, or a streamed one this
+        process is answering (its upstream call stops)."""
+        producer = self._producers.get(task_id)
+        if producer is not None and (await self.get(owner, task_id)).status == TaskStatus.PENDING:
+            producer.cancel()
+            await asyncio.wait([producer], timeout=10)
+            return await self.get(owner, task_id)
         if not await self.repository.cancel(owner, task_id):
             task = await self.get(owner, task_id)
             raise Conflict(
@@ -281,7 +460,9 @@ class TaskService:
         except InvalidCursor as exc:
             raise InvalidRequest(f"cursor: {exc}") from None
 
-    async def _ask(self, task: Task, *, prompt: str, system: str | None) -> _Outcome:
+    async def _ask(
+        self, task: Task, *, prompt: str, system: str | None, on_delta: OnDelta | None = None
+    ) -> _Outcome:
         """Ask the agent as the stored task says (model, temperature, max_tokens)."""
         started = time.monotonic()
         try:
@@ -291,16 +472,24 @@ class TaskService:
                 model=task.model,
                 temperature=task.temperature,
                 max_tokens=task.max_tokens,
+                reasoning_effort=task.reasoning_effort,
+                on_delta=on_delta,
             )
         except LLMError as exc:
             return _Outcome(None, exc, time.monotonic() - started)
         return _Outcome(result, None, time.monotonic() - started)
 
     async def _record(
-        self, task: Task, outcome: _Outcome, *, expect: TaskStatus | None = None
+        self,
+        task: Task,
+        outcome: _Outcome,
+        *,
+        expect: TaskStatus | None = None,
+        partial: str | None = None,
     ) -> None:
-        """Store the outcome on the task and count it. With `expect`, a task no longer in that
-        status (cancelled meanwhile) is left as it is."""
+        """Store the outcome on the task and count it (a failure with the `partial` answer a
+        stream passed on). With `expect`, a task no longer in that status (cancelled
+        meanwhile) is left as it is."""
         provider = self.agent.provider.name
         model, seconds = metrics.model_label(task.model), outcome.seconds
         latency_ms = round(seconds * 1000, 2)
@@ -316,6 +505,8 @@ class TaskService:
                     attempts=outcome.error.attempts,
                     latency_ms=latency_ms,
                     expect=expect,
+                    partial=partial,
+                    store_text=self._store_text,
                 )
             except OutcomeNotStored as exc:
                 raise await self._not_stored(task, exc, outcome, expect=expect) from None
@@ -327,6 +518,8 @@ class TaskService:
         metrics.LLM_CALLS.labels(provider, model, "ok").inc()
         metrics.TOKENS.labels(task.owner, "input").inc(result.prompt_tokens or 0)
         metrics.TOKENS.labels(task.owner, "output").inc(result.completion_tokens or 0)
+        if result.reasoning_tokens:  # a part of the output, counted apart as well
+            metrics.TOKENS.labels(task.owner, "reasoning").inc(result.reasoning_tokens)
         try:
             done = await self.repository.complete(
                 task, result, latency_ms=latency_ms, store_text=self._store_text, expect=expect
@@ -362,3 +555,11 @@ class TaskService:
         return DatabaseUnavailable(
             "the database is not reachable now: the task's outcome was not stored", extra=extra
         )
+
+
+_POLL_S = 1.0  # how often a task followed from the database is read again
+
+
+def _shown(task: Task) -> dict[str, object]:
+    """The task as the API shows it, for an event."""
+    return TaskOut.of(task).model_dump(mode="json")

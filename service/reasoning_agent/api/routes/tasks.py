@@ -5,9 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
 
-from reasoning_agent.api.deps import ApiKeyDep, QueryLimitDep, TaskLimitDep, TaskServiceDep
+from reasoning_agent.api.deps import (
+    ApiKeyDep,
+    QueryLimitDep,
+    ServicesDep,
+    TaskLimitDep,
+    TaskServiceDep,
+)
+from reasoning_agent.api.streams import event_stream, last_event_id
 from reasoning_agent.errors import error_responses
 from reasoning_agent.observability.telemetry import current_trace_id
 from reasoning_agent.tasks.schemas import Moment, TaskIn, TaskList, TaskOut
@@ -30,6 +38,12 @@ IdempotencyKey = Annotated[
     response_model=TaskOut,
     summary="Answer a prompt and store the task",
     responses={
+        200: {
+            "model": TaskOut,
+            "content": {"text/event-stream": {}},
+            "description": "The task; with `stream: true` (or `Accept: text/event-stream`), "
+            "its events as they happen",
+        },
         202: {"model": TaskOut, "description": "Queued (`mode: async` or `Prefer: respond-async`)"},
         **error_responses(409, 413, 429, 502, 504),
     },
@@ -39,14 +53,34 @@ async def submit_task(
     body: TaskIn,
     caller: ApiKeyDep,
     _: TaskLimitDep,
-    tasks: TaskServiceDep,
+    services: ServicesDep,
     idempotency_key: IdempotencyKey = None,
-) -> TaskOut | JSONResponse:
+) -> TaskOut | Response:
+    tasks, settings = services.tasks, services.settings
     prefer_async = "respond-async" in request.headers.get("prefer", "")
+    background = body.mode == "async" or prefer_async
+    wants_events = "text/event-stream" in request.headers.get("accept", "")
+    if not background and (body.stream or wants_events):
+        task, events = await tasks.stream(
+            body,
+            owner=caller.name,
+            idempotency_key=idempotency_key,
+            trace_id=current_trace_id(request.headers),
+        )
+
+        async def on_disconnect() -> str:
+            if settings.stream_on_disconnect == "cancel":
+                await tasks.cancel(caller.name, task.id)
+                return "cancelled"
+            return "continued"
+
+        return event_stream(
+            events, heartbeat_s=settings.stream_heartbeat_s, on_disconnect=on_disconnect
+        )
     submitted = await tasks.submit(
         body,
         owner=caller.name,
-        background=body.mode == "async" or prefer_async,
+        background=background,
         idempotency_key=idempotency_key,
         trace_id=current_trace_id(request.headers),
     )
@@ -68,6 +102,26 @@ async def read_task(
     task_id: str, caller: ApiKeyDep, _: QueryLimitDep, tasks: TaskServiceDep
 ) -> TaskOut:
     return TaskOut.of(await tasks.get(caller.name, task_id))
+
+
+@router.get(
+    "/task/{task_id}/events",
+    summary="Follow one of the caller's tasks as Server-Sent Events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The task's events"},
+        **error_responses(404, 429),
+    },
+)
+async def follow_task(
+    task_id: str,
+    caller: ApiKeyDep,
+    _: QueryLimitDep,
+    services: ServicesDep,
+    last_event: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
+) -> EventSourceResponse:
+    events = await services.tasks.events_of(caller.name, task_id, after=last_event_id(last_event))
+    return event_stream(events, heartbeat_s=services.settings.stream_heartbeat_s)
 
 
 @router.delete(

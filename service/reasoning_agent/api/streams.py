@@ -1,0 +1,59 @@
+"""Task events as Server-Sent Events: one `id`, `event` and JSON `data` each, a comment line
+while nothing else is sent, and a count of the clients that leave before the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from reasoning_agent.observability import metrics
+from reasoning_agent.tasks.events import TaskEvent
+
+__all__ = ["event_stream", "last_event_id"]
+
+HEADERS = {"Cache-Control": "no-cache"}  # sse-starlette adds X-Accel-Buffering: no
+
+
+def event_stream(
+    events: AsyncIterator[TaskEvent],
+    *,
+    heartbeat_s: float,
+    on_disconnect: Callable[[], Awaitable[str]] | None = None,
+) -> EventSourceResponse:
+    """The response that sends `events`; a client gone before the last one is counted by
+    what `on_disconnect` did to the task (`continued` without it)."""
+    return EventSourceResponse(
+        _sent(events, on_disconnect),
+        ping=heartbeat_s,
+        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+        headers=HEADERS,
+    )
+
+
+async def _sent(
+    events: AsyncIterator[TaskEvent], on_disconnect: Callable[[], Awaitable[str]] | None
+) -> AsyncIterator[ServerSentEvent]:
+    metrics.STREAMS_OPEN.inc()
+    ended = False
+    try:
+        async for event in events:
+            yield ServerSentEvent(
+                data=json.dumps(event.data, separators=(",", ":")),
+                event=event.kind,
+                id=str(event.id),
+            )
+            ended = event.ends
+    finally:
+        metrics.STREAMS_OPEN.dec()
+        if not ended:
+            became = await asyncio.shield(on_disconnect()) if on_disconnect else "continued"
+            metrics.STREAM_DISCONNECTS.labels(became).inc()
+
+
+def last_event_id(value: str | None) -> int:
+    """The event to resume after, from a Last-Event-ID header; 0 (from the start) when absent
+    or not one of ours."""
+    return int(value) if value and value.isdigit() and len(value) < 10 else 0

@@ -1,0 +1,254 @@
+"""Streamed answers and followed tasks: Server-Sent Events from a real service, the real
+`openai` SDK streaming from the fake upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import module_service
+from tests.fake_openai import FakeOpenAI, Step
+from tests.support import BOB, Service
+
+HEARTBEAT_S = 0.3
+
+service = module_service(
+    "streams",
+    LLM_MAX_ATTEMPTS="3",
+    LLM_TIMEOUT_S="8",
+    RATE_LIMIT="10000/minute",
+    QUERY_RATE_LIMIT="10000/minute",
+    STREAM_HEARTBEAT_S=str(HEARTBEAT_S),
+)
+
+
+@dataclass
+class Event:
+    id: int
+    kind: str
+    data: dict
+
+
+@dataclass
+class Stream:
+    headers: httpx.Headers
+    events: list[Event]
+    comments: list[tuple[float, str]]  # (seconds since the request, text)
+
+
+def read_stream(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    stop_after: int | None = None,
+    **options: object,
+) -> Stream:
+    """Read an event stream line by line, as a client sees it; with `stop_after`, hang up
+    after that many events."""
+    started = time.monotonic()
+    events: list[Event] = []
+    comments: list[tuple[float, str]] = []
+    with client.stream(method, url, **options) as response:  # type: ignore[arg-type]
+        assert response.status_code == 200, response.read()
+        fields: dict[str, str] = {}
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                comments.append((time.monotonic() - started, line[1:].strip()))
+            elif line:
+                name, _, value = line.partition(":")
+                fields[name] = value.removeprefix(" ")
+            elif fields:
+                events.append(Event(int(fields["id"]), fields["event"], json.loads(fields["data"])))
+                fields = {}
+                if stop_after is not None and len(events) >= stop_after:
+                    break
+        return Stream(response.headers, events, comments)
+
+
+def deltas(stream: Stream, part: str = "text") -> str:
+    return "".join(e.data.get(part, "") for e in stream.events if e.kind == "delta")
+
+
+def test_a_streamed_task_sends_the_task_each_piece_and_the_stored_end(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(
+        Step(reasoning=["Six ", "times ", "seven."], pieces=["The ", "answer ", "is 42"])
+    )
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "why", "stream": True})
+        stored = client.get(f"/task/{stream.events[0].data['id']}").json()
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.headers["cache-control"] == "no-cache"
+    assert stream.headers["x-accel-buffering"] == "no"
+    assert "content-length" not in stream.headers
+    kinds = [e.kind for e in stream.events]
+    assert kinds[0] == "task" and kinds[-1] == "done" and set(kinds[1:-1]) == {"delta"}
+    assert [e.id for e in stream.events] == list(range(1, len(stream.events) + 1))
+    assert stream.events[0].data["status"] == "pending"
+    assert deltas(stream) == "The answer is 42" == stored["answer"]
+    assert deltas(stream, "reasoning") == "Six times seven." == stored["reasoning"]
+    done = stream.events[-1].data
+    assert done == stored  # the final task exactly as stored
+    assert done["usage"] == {  # from the upstream's last chunk
+        "prompt_tokens": 1,
+        "completion_tokens": 6,
+        "total_tokens": 7,
+        "reasoning_tokens": None,
+    }
+    sent = fake_llm.requests[-1].body
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def test_accept_text_event_stream_asks_for_a_stream_too(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    with service.client() as client:
+        stream = read_stream(
+            client, "POST", "/task", json={"prompt": "by header"},
+            headers={"Accept": "text/event-stream"},
+        )  # fmt: skip
+    assert stream.events[-1].kind == "done"
+    assert deltas(stream) == "fake answer to: by header"
+
+
+def test_keep_alive_comments_while_the_upstream_is_silent(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(silence=HEARTBEAT_S * 4))
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "slow", "stream": True})
+    assert stream.events[-1].kind == "done"
+    keep_alives = [at for at, text in stream.comments if text == "keep-alive"]
+    assert len(keep_alives) >= 3, stream.comments  # three heartbeat periods of silence
+
+
+def test_no_usage_chunk_means_no_usage(service: Service, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script(Step(usage=None))
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "uncounted", "stream": True})
+    assert stream.events[-1].data["usage"] is None
+
+
+def test_a_failure_before_the_first_piece_is_retried(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(status=500), Step(break_after=0))  # the second drops before a piece
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "again", "stream": True})
+    assert fake_llm.calls == 3
+    done = stream.events[-1]
+    assert done.kind == "done" and done.data["attempts"] == 3
+    assert deltas(stream) == done.data["answer"] == "fake answer to: again"
+
+
+def test_a_failure_after_the_first_piece_ends_the_stream_and_keeps_what_was_sent(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(pieces=["one ", "two ", "three"], break_after=2))
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "broken", "stream": True})
+        task_id = stream.events[0].data["id"]
+        stored = client.get(f"/task/{task_id}").json()
+    assert fake_llm.calls == 1  # not retried: the client had a part of the answer
+    error = stream.events[-1]
+    assert error.kind == "error" and error.data["error"]["task_id"] == task_id
+    assert error.data["error"]["type"] == "upstream_error"
+    assert "after 8 characters" in error.data["error"]["message"]
+    assert deltas(stream) == "one two "
+    assert stored["status"] == "failed" and stored["answer"] == "one two "
+    assert stored["answer_chars"] == 8
+
+
+def test_a_client_that_hangs_up_resumes_with_last_event_id(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    words = [f"w{i} " for i in range(12)]
+    fake_llm.script(Step(pieces=words, pause=0.1))
+    with service.client() as client:
+        first = read_stream(
+            client, "POST", "/task", json={"prompt": "long", "stream": True}, stop_after=4
+        )
+        task_id, last = first.events[0].data["id"], first.events[-1].id
+        rest = read_stream(
+            client, "GET", f"/task/{task_id}/events", headers={"Last-Event-ID": str(last)}
+        )
+        stored = client.get(f"/task/{task_id}").json()
+    assert [e.id for e in rest.events] == list(range(last + 1, last + 1 + len(rest.events)))
+    assert rest.events[-1].kind == "done"
+    assert deltas(first) + deltas(rest) == "".join(words) == stored["answer"]
+
+
+def test_a_finished_task_is_followed_at_once_and_only_by_its_owner(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    with service.client() as client:
+        task = client.post("/task", json={"prompt": "plain"}).json()
+        followed = read_stream(client, "GET", f"/task/{task['id']}/events")
+    assert [e.kind for e in followed.events] == ["task", "done"]
+    assert followed.events[-1].data == task
+    with service.client(BOB) as other:
+        assert other.get(f"/task/{task['id']}/events").status_code == 404
+
+
+def test_a_disconnected_stream_still_runs_to_the_end(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(pieces=["a ", "b ", "c ", "d"], pause=0.2))
+    with service.client() as client:
+        first = read_stream(
+            client, "POST", "/task", json={"prompt": "leave", "stream": True}, stop_after=2
+        )
+        task_id = first.events[0].data["id"]
+        deadline = time.monotonic() + 10
+        while (task := client.get(f"/task/{task_id}").json())["status"] == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert task["status"] == "completed" and task["answer"] == "a b c d"
+
+
+def test_cancelling_a_stream_stops_it(service: Service, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script(Step(pieces=[f"w{i} " for i in range(50)], pause=0.1))
+    with service.client() as client:
+        first = read_stream(
+            client, "POST", "/task", json={"prompt": "stop me", "stream": True}, stop_after=3
+        )
+        task_id = first.events[0].data["id"]
+        cancelled = client.delete(f"/task/{task_id}")
+        assert cancelled.status_code == 200, cancelled.text
+        rest = read_stream(client, "GET", f"/task/{task_id}/events", headers={"Last-Event-ID": "3"})
+    assert cancelled.json()["status"] == "cancelled"
+    assert rest.events[-1].kind == "done" and rest.events[-1].data["status"] == "cancelled"
+    assert len(deltas(first) + deltas(rest)) < len("".join(f"w{i} " for i in range(50)))
+
+
+def test_a_background_task_publishes_the_same_events(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(pieces=["later ", "on"], pause=0.1))
+    with service.client() as client:
+        accepted = client.post("/task", json={"prompt": "bg", "mode": "async"})
+        assert accepted.status_code == 202
+        followed = read_stream(client, "GET", f"/task/{accepted.json()['id']}/events")
+    assert followed.events[-1].kind == "done"
+    assert followed.events[-1].data["answer"] == "later on"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "x", "stream": True, "mode": "async"},
+        {"prompt": "x", "stream": "yes"},
+        {"prompt": "x", "reasoning_effort": "extreme"},
+    ],
+)
+def test_bad_stream_requests_are_refused_plainly(service: Service, body: dict) -> None:
+    with service.client() as client:
+        response = client.post("/task", json=body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/json"
