@@ -18,6 +18,7 @@ from reasoning_agent.runners.arq import ArqRunner
 from reasoning_agent.runners.base import Runner
 from reasoning_agent.runners.inprocess import InProcessRunner
 from reasoning_agent.storage.db import Database
+from reasoning_agent.tasks.events import EventLog, SharedEventLog
 from reasoning_agent.tasks.repository import TaskRepository
 from reasoning_agent.tasks.service import TaskService
 
@@ -77,8 +78,15 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         runner = InProcessRunner(
             lambda task_id: tasks.run(task_id), concurrency=settings.worker_concurrency
         )
+    # With Redis, any process can follow a task that another one runs.
+    events = (
+        SharedEventLog(redis_url, ttl_s=settings.stream_events_ttl_s)
+        if redis_url is not None
+        else EventLog(ttl_s=settings.stream_events_ttl_s)
+    )
     tasks = TaskService(
         repository=TaskRepository(database),
+        events=events,
         agent=agent,
         runner=runner,
         store_text=settings.store_prompts,
@@ -101,6 +109,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         with contextlib.suppress(asyncio.CancelledError):
             await renewing
         await runner.aclose()
+        await events.aclose()
         await provider.aclose()
         await limiter.aclose()
         await database.aclose()

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import StartService
 from tests.fake_openai import FakeOpenAI, Step
+from tests.sse import deltas, read_stream
 from tests.support import Service, command, query, redis_url
 
 
@@ -312,3 +313,28 @@ def test_sigterm_lets_running_tasks_finish_and_queues_again_what_cannot(
     service.restart()  # the next process runs what was queued again
     with service.client() as client:
         assert wait_for(client, slow, {"completed", "failed"})["status"] == "completed"
+
+
+def test_tasks_on_one_replica_or_a_worker_are_followed_from_another(
+    start_service: StartService, fake_llm: FakeOpenAI, start_worker: Callable
+) -> None:
+    """Two replicas and an arq worker on one Redis: a client of the second follows, piece by
+    piece, a task streamed by the first and a background task the worker runs."""
+    env = {"REDIS_URL": redis_url(), "LLM_TIMEOUT_S": "10"}
+    first, second = start_service(**env), start_service(**env)
+    start_worker(first)
+    words = [f"w{i} " for i in range(8)]
+    fake_llm.script(Step(pieces=words, pause=0.15), Step(pieces=words, pause=0.15))
+    with first.client() as one, second.client() as other:
+        streamed = read_stream(
+            one, "POST", "/task", json={"prompt": "here", "stream": True}, stop_after=2
+        )
+        task_id = streamed.events[0].data["id"]
+        followed = read_stream(other, "GET", f"/task/{task_id}/events")
+        queued = one.post("/task", json={"prompt": "there", "mode": "async"}).json()
+        background = read_stream(other, "GET", f"/task/{queued['id']}/events")
+    for stream in (followed, background):
+        assert [e.id for e in stream.events] == list(range(1, len(stream.events) + 1))
+        assert stream.events[0].kind == "task" and stream.events[-1].kind == "done"
+        assert deltas(stream) == "".join(words) == stream.events[-1].data["answer"]
+        assert sum(e.kind == "delta" for e in stream.events) == len(words)  # piece by piece

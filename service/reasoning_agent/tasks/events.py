@@ -1,19 +1,27 @@
 """A task's events (`task`, `delta`, `done`, `error`), kept a while so a client can follow a
-task and pick up where its connection dropped."""
+task and pick up where its connection dropped: in memory for the tasks this process runs, and
+with Redis in a stream per task, so any process can follow a task any other one runs."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-__all__ = ["END_KINDS", "EventLog", "TaskEvent"]
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+__all__ = ["END_KINDS", "EventLog", "SharedEventLog", "TaskEvent"]
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["task", "delta", "done", "error"]
 END_KINDS = frozenset({"done", "error"})
-MAX_EVENTS = 100_000  # per task: a runaway upstream cannot fill the memory
+MAX_EVENTS = 100_000  # per task: a runaway upstream cannot fill the memory or Redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +45,16 @@ class _Log:
 
 
 class EventLog:
-    """The events of the tasks this process runs, in memory."""
+    """The events of the tasks this process runs, in memory, for `ttl_s` after each ends."""
 
     def __init__(self, *, ttl_s: float = 600.0) -> None:
         self._logs: dict[str, _Log] = {}
-        self._ttl_s = ttl_s
+        self.ttl_s = ttl_s
 
-    def has(self, task_id: str) -> bool:
+    async def has(self, task_id: str) -> bool:
         return task_id in self._logs
 
-    def publish(self, task_id: str, kind: Kind, data: dict[str, Any]) -> TaskEvent:
+    async def publish(self, task_id: str, kind: Kind, data: dict[str, Any]) -> TaskEvent:
         """Add the next event of `task_id` and wake its followers."""
         log = self._logs.get(task_id)
         if log is None:
@@ -56,14 +64,14 @@ class EventLog:
         if len(log.events) < MAX_EVENTS or event.ends:
             log.events.append(event)
         if event.ends:
-            log.expires = time.monotonic() + self._ttl_s
+            log.expires = time.monotonic() + self.ttl_s
         log.changed.set()
         log.changed = asyncio.Event()
         return event
 
     async def follow(self, task_id: str, *, after: int = 0) -> AsyncIterator[TaskEvent]:
         """The events after `after`, then each new one, until the task's last; nothing for a
-        task this process does not know."""
+        task this log does not have."""
         log = self._logs.get(task_id)
         if log is None:
             return
@@ -81,3 +89,79 @@ class EventLog:
         now = time.monotonic()
         for task_id in [t for t, log in self._logs.items() if log.expires and log.expires < now]:
             del self._logs[task_id]
+
+    async def aclose(self) -> None:
+        return None
+
+
+class SharedEventLog(EventLog):
+    """As EventLog, and every event also in the Redis stream `ra:events:{task_id}` (entry id
+    `0-{event id}`, at most MAX_EVENTS, expiring `ttl_s` after the last event), which followers
+    of tasks run elsewhere read. Redis failing never fails a task: its own process's
+    followers still get everything."""
+
+    BLOCK_MS = 5000  # how long one read waits for news before checking the stream still exists
+
+    def __init__(self, redis_url: str, *, ttl_s: float = 600.0) -> None:
+        super().__init__(ttl_s=ttl_s)
+        self._redis = Redis.from_url(redis_url)
+        self._warned = False
+
+    async def has(self, task_id: str) -> bool:
+        if await super().has(task_id):
+            return True
+        try:
+            return bool(await self._redis.exists(_key(task_id)))
+        except RedisError as exc:
+            log.warning("task events: Redis did not answer: %s", exc.__class__.__name__)
+            return False
+
+    async def publish(self, task_id: str, kind: Kind, data: dict[str, Any]) -> TaskEvent:
+        event = await super().publish(task_id, kind, data)
+        fields = {"kind": kind, "data": json.dumps(data, separators=(",", ":"))}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(_key(task_id), fields, id=f"0-{event.id}", maxlen=MAX_EVENTS)
+                pipe.expire(_key(task_id), max(1, round(self.ttl_s)))
+                await pipe.execute()
+            self._warned = False
+        except RedisError as exc:
+            if not self._warned:  # once per outage, not once per piece
+                log.warning("task events not shared: Redis failed: %s", exc.__class__.__name__)
+                self._warned = True
+        return event
+
+    async def follow(self, task_id: str, *, after: int = 0) -> AsyncIterator[TaskEvent]:
+        if await super().has(task_id):
+            async for event in super().follow(task_id, after=after):
+                yield event
+            return
+        key, seen = _key(task_id), after
+        while True:
+            try:
+                replies = await self._redis.xread(
+                    {key: f"0-{seen}"}, count=500, block=self.BLOCK_MS
+                )
+                if not replies and not await self._redis.exists(key):
+                    return  # expired, or never written: the caller falls back to the database
+            except RedisError as exc:
+                log.warning("task events: Redis failed: %s", exc.__class__.__name__)
+                return
+            for _, entries in replies or []:
+                for entry_id, fields in entries:
+                    event = TaskEvent(
+                        int(entry_id.split(b"-")[1]),
+                        cast(Kind, fields[b"kind"].decode()),
+                        json.loads(fields[b"data"]),
+                    )
+                    seen = event.id
+                    yield event
+                    if event.ends:
+                        return
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def _key(task_id: str) -> str:
+    return f"ra:events:{task_id}"

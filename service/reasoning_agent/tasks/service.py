@@ -180,7 +180,7 @@ class TaskService:
             if task.request_hash != digest:
                 raise InvalidRequest("Idempotency-Key was already used with a different request")
             return task, self._events_after(task, 0)
-        self.events.publish(task.id, "task", _shown(task))
+        await self.events.publish(task.id, "task", _shown(task))
         producer = asyncio.create_task(self._produce(task, body), name=f"stream {task.id}")
         self._producers[task.id] = producer
         producer.add_done_callback(lambda _: self._producers.pop(task.id, None))
@@ -188,15 +188,8 @@ class TaskService:
 
     async def _produce(self, task: Task, body: TaskIn) -> None:
         """Answer a streamed task, publishing each piece, then record and publish the end."""
-        started, answered = time.monotonic(), []
-
-        async def on_delta(delta: Delta) -> None:
-            if delta.reasoning:
-                self.events.publish(task.id, "delta", {"reasoning": delta.reasoning})
-            if delta.text:
-                answered.append(delta.text)
-                self.events.publish(task.id, "delta", {"text": delta.text})
-
+        started, answered = time.monotonic(), list[str]()
+        on_delta = self._publisher(task.id, answered)
         try:
             with self.leases.holding(task.id):
                 outcome = await self._ask(
@@ -207,21 +200,34 @@ class TaskService:
             await asyncio.shield(self._cancelled(task, started))
             raise
         except ServiceError as exc:  # the outcome could not be stored
-            self.events.publish(task.id, "error", exc.body())
+            await self.events.publish(task.id, "error", exc.body())
             return
         except Exception:
             log.exception("streamed task %s failed unexpectedly", task.id)
             error = ServiceError("the task failed unexpectedly", extra={"task_id": task.id})
-            self.events.publish(task.id, "error", error.body())
+            await self.events.publish(task.id, "error", error.body())
             return
         if outcome.error is not None:
             failure = for_llm_error(outcome.error)
             error = failure(str(outcome.error), extra={"task_id": task.id})
-            self.events.publish(task.id, "error", error.body())
+            await self.events.publish(task.id, "error", error.body())
             return
         assert outcome.result is not None
         self._show_unstored(task, body, outcome.result)
-        self.events.publish(task.id, "done", _shown(task))
+        await self.events.publish(task.id, "done", _shown(task))
+
+    def _publisher(self, task_id: str, answered: list[str]) -> OnDelta:
+        """What passes each piece of a task's answer on as a `delta` event (and keeps the
+        answer's pieces in `answered`)."""
+
+        async def on_delta(delta: Delta) -> None:
+            if delta.reasoning:
+                await self.events.publish(task_id, "delta", {"reasoning": delta.reasoning})
+            if delta.text:
+                answered.append(delta.text)
+                await self.events.publish(task_id, "delta", {"text": delta.text})
+
+        return on_delta
 
     async def _cancelled(self, task: Task, started: float) -> None:
         """A streamed task stopped by its caller: marked cancelled, and its followers told."""
@@ -229,7 +235,7 @@ class TaskService:
             await self.repository.cancel(task.owner, task.id, statuses=(TaskStatus.PENDING,))
             task = await self.repository.get(task.owner, task.id) or task
         finally:
-            self.events.publish(task.id, "done", _shown(task))
+            await self.events.publish(task.id, "done", _shown(task))
         log.info(
             "streamed task %s cancelled after %.0f ms", task.id, (time.monotonic() - started) * 1000
         )
@@ -243,22 +249,30 @@ class TaskService:
         return self._events_after(task, after)
 
     async def _events_after(self, task: Task, after: int) -> AsyncIterator[TaskEvent]:
-        if self.events.has(task.id):
-            async for event in self.events.follow(task.id, after=after):
-                yield event
-            return
-        # Not run here, or ended long ago: its start and end, from the database.
-        if after < 1:
-            yield TaskEvent(1, "task", _shown(task))
-        while task.status in (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING):
-            await asyncio.sleep(_POLL_S)
+        """From the task's event log while there is one; without one (it ended long ago, is
+        still queued, or runs where no log is shared) its start and end from the database,
+        watching for a log to appear."""
+        last = after
+        while True:
+            if await self.events.has(task.id):
+                async for event in self.events.follow(task.id, after=last):
+                    yield event
+                    last = event.id
+                    if event.ends:
+                        return
             task = await self.repository.get(task.owner, task.id) or task
+            if last < 1:
+                yield TaskEvent(1, "task", _shown(task))
+                last = 1
+            if task.status not in (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING):
+                break
+            await asyncio.sleep(_POLL_S)
         if task.status == TaskStatus.FAILED:
             error = for_error_type(task.error_type)
             body = error(task.error or "the task failed", extra={"task_id": task.id}).body()
-            yield TaskEvent(max(after, 1) + 1, "error", body)
+            yield TaskEvent(last + 1, "error", body)
         else:
-            yield TaskEvent(max(after, 1) + 1, "done", _shown(task))
+            yield TaskEvent(last + 1, "done", _shown(task))
 
     async def drain(self, *, timeout_s: float) -> None:
         """Let streamed tasks still answering finish, then cancel what is left."""
@@ -359,14 +373,8 @@ class TaskService:
         if task is None:
             return  # cancelled, finished, or a live process has it
         assert task.prompt is not None, "background tasks need STORE_PROMPTS=true"
-        self.events.publish(task.id, "task", _shown(task))
-
-        async def on_delta(delta: Delta) -> None:
-            if delta.reasoning:
-                self.events.publish(task.id, "delta", {"reasoning": delta.reasoning})
-            if delta.text:
-                self.events.publish(task.id, "delta", {"text": delta.text})
-
+        await self.events.publish(task.id, "task", _shown(task))
+        on_delta = self._publisher(task.id, [])
         with self.leases.holding(task.id):
             outcome = await self._ask(
                 task, prompt=task.prompt, system=task.system, on_delta=on_delta
@@ -375,15 +383,15 @@ class TaskService:
                 await self._record(task, outcome, expect=TaskStatus.RUNNING)
             except ServiceError as exc:  # recorded as far as the database allowed
                 log.error("background task %s: %s", task.id, exc.message)
-                self.events.publish(task.id, "error", exc.body())
+                await self.events.publish(task.id, "error", exc.body())
                 return
         stored = await self.repository.get(task.owner, task.id) or task  # cancelled meanwhile?
         if stored.status == TaskStatus.FAILED:
             failure = for_error_type(stored.error_type)
             error = failure(stored.error or "the task failed", extra={"task_id": task.id})
-            self.events.publish(task.id, "error", error.body())
+            await self.events.publish(task.id, "error", error.body())
         else:
-            self.events.publish(task.id, "done", _shown(stored))
+            await self.events.publish(task.id, "done", _shown(stored))
 
     async def resume(self) -> int:
         """Hand the runner what a stopped process left queued."""
