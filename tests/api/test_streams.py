@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import module_service
+from tests.conftest import StartService, module_service
 from tests.deploy.conftest import missing
 from tests.fake_openai import FakeOpenAI, Step
 from tests.sse import deltas, read_stream
@@ -166,6 +166,33 @@ def test_a_disconnected_stream_still_runs_to_the_end(
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert task["status"] == "completed" and task["answer"] == "a b c d"
+    with service.client() as client:  # alice reads /metrics
+        metrics = client.get("/metrics").text
+    assert 'reasoning_agent_stream_disconnects_total{task="continued"}' in metrics
+    assert "reasoning_agent_streams_open 0.0" in metrics
+    first_tokens = (
+        'reasoning_agent_llm_first_token_seconds_count{model="fake-model",provider="openai"}'
+    )
+    assert first_tokens in metrics
+
+
+def test_with_stream_on_disconnect_cancel_a_client_gone_stops_the_task(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    cancelling = start_service(STREAM_ON_DISCONNECT="cancel")
+    fake_llm.script(Step(pieces=[f"w{i} " for i in range(40)], pause=0.1))
+    with cancelling.client() as client:
+        first = read_stream(
+            client, "POST", "/task", json={"prompt": "bye", "stream": True}, stop_after=2
+        )
+        task_id = first.events[0].data["id"]
+        deadline = time.monotonic() + 10
+        while (task := client.get(f"/task/{task_id}").json())["status"] == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        metrics = client.get("/metrics").text
+    assert task["status"] == "cancelled"
+    assert 'reasoning_agent_stream_disconnects_total{task="cancelled"} 1.0' in metrics
 
 
 def test_cancelling_a_stream_stops_it(service: Service, fake_llm: FakeOpenAI) -> None:

@@ -3,9 +3,8 @@ while nothing else is sent, and a count of the clients that leave before the end
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -21,7 +20,7 @@ def event_stream(
     events: AsyncIterator[TaskEvent],
     *,
     heartbeat_s: float,
-    on_disconnect: Callable[[], Awaitable[str]] | None = None,
+    on_disconnect: Callable[[], str] | None = None,
 ) -> EventSourceResponse:
     """The response that sends `events`; a client gone before the last one is counted by
     what `on_disconnect` did to the task (`continued` without it)."""
@@ -34,7 +33,7 @@ def event_stream(
 
 
 async def _sent(
-    events: AsyncIterator[TaskEvent], on_disconnect: Callable[[], Awaitable[str]] | None
+    events: AsyncIterator[TaskEvent], on_disconnect: Callable[[], str] | None
 ) -> AsyncIterator[ServerSentEvent]:
     metrics.STREAMS_OPEN.inc()
     ended = False
@@ -48,8 +47,8 @@ async def _sent(
             ended = event.ends
     finally:
         metrics.STREAMS_OPEN.dec()
-        if not ended:
-            became = await asyncio.shield(on_disconnect()) if on_disconnect else "continued"
+        if not ended:  # no await here: the response's cancel scope cancels every one
+            became = on_disconnect() if on_disconnect else "continued"
             metrics.STREAM_DISCONNECTS.labels(became).inc()
 
 

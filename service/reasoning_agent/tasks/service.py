@@ -216,6 +216,15 @@ class TaskService:
         self._show_unstored(task, body, outcome.result)
         await self.events.publish(task.id, "done", _shown(task))
 
+    def stop_stream(self, task_id: str) -> bool:
+        """Stop a streamed task this process is answering (it is then marked cancelled);
+        False if it is not answering it."""
+        producer = self._producers.get(task_id)
+        if producer is None or producer.done():
+            return False
+        producer.cancel()
+        return True
+
     def _publisher(self, task_id: str, answered: list[str]) -> OnDelta:
         """What passes each piece of a task's answer on as a `delta` event (and keeps the
         answer's pieces in `answered`)."""
@@ -427,7 +436,7 @@ class TaskService:
         process is answering (its upstream call stops)."""
         producer = self._producers.get(task_id)
         if producer is not None and (await self.get(owner, task_id)).status == TaskStatus.PENDING:
-            producer.cancel()
+            self.stop_stream(task_id)
             await asyncio.wait([producer], timeout=10)
             return await self.get(owner, task_id)
         if not await self.repository.cancel(owner, task_id):

@@ -68,9 +68,8 @@ async def submit_task(
             trace_id=current_trace_id(request.headers),
         )
 
-        async def on_disconnect() -> str:
-            if settings.stream_on_disconnect == "cancel":
-                await tasks.cancel(caller.name, task.id)
+        def on_disconnect() -> str:
+            if settings.stream_on_disconnect == "cancel" and tasks.stop_stream(task.id):
                 return "cancelled"
             return "continued"
 
