@@ -35,6 +35,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import streaming  # noqa: E402
 from tests.support import ALICE, free_port, redis_url  # noqa: E402
 
 BENCH = REPO / "bench"
@@ -89,11 +90,24 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: f
     raise RuntimeError(f"{url} never answered:\n{log.read_text()[-2000:]}")
 
 
-def start_upstream(tmp: Path, delay_ms: float) -> tuple[str, subprocess.Popen[bytes]]:
+def start_upstream(
+    tmp: Path, delay_ms: float, *, stream_gap_ms: float = 50.0
+) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     log = tmp / f"upstream-{port}.log"
     process = spawn(
-        [PY, str(BENCH / "upstream.py"), "--port", str(port), "--delay-ms", str(delay_ms)], {}, log
+        [
+            PY,
+            str(BENCH / "upstream.py"),
+            "--port",
+            str(port),
+            "--delay-ms",
+            str(delay_ms),
+            "--stream-gap-ms",
+            str(stream_gap_ms),
+        ],
+        {},
+        log,
     )
     wait_ready(f"http://127.0.0.1:{port}/", process, log)
     return f"http://127.0.0.1:{port}", process
@@ -489,7 +503,7 @@ def query_latency(tmp: Path, upstream: str, args: argparse.Namespace) -> dict:
     }
 
 
-SCENARIOS = ("latency", "thousand", "query", "limit")
+SCENARIOS = ("latency", "thousand", "query", "limit", "stream")
 
 
 def main() -> None:
@@ -501,7 +515,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=",".join(SCENARIOS),
-        help="comma-separated: latency (1 and 2), thousand (3), query (4), limit (5)",
+        help="comma-separated: latency (1 and 2), thousand (3), query (4), limit (5), stream (6)",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -534,6 +548,8 @@ def main() -> None:
             scenarios["query_latency"] = query_latency(tmp, upstream, args)
         if "limit" in only:
             scenarios["rate_limit_decision"] = asyncio.run(limiter_decisions())
+        if "stream" in only:
+            scenarios.update(streaming.streaming(tmp, args, run=sys.modules[__name__]))
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(timeout=30)
@@ -629,6 +645,7 @@ def table(results: dict) -> str:
             f"rate-limit decision against the local Redis: "
             f"p50 {rl['p50']:.3f} ms, p99 {rl['p99']:.3f} ms"
         )
+    lines += streaming.table(s)
     m = results["machine"]
     lines.append(
         f"machine: {m['cpus']} x {m.get('cpu', '?')}, {m['platform']}, Python {m['python']}"

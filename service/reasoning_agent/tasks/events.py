@@ -5,6 +5,7 @@ with Redis in a stream per task, so any process can follow a task any other one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -106,6 +107,12 @@ class SharedEventLog(EventLog):
         super().__init__(ttl_s=ttl_s)
         self._redis = Redis.from_url(redis_url)
         self._warned = False
+        # Events go to Redis from one writer, in batches: publishing never waits on Redis,
+        # and the pieces that came while a batch was written go in one round trip.
+        self._unsent: list[tuple[str, TaskEvent]] = []
+        self._news = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def has(self, task_id: str) -> bool:
         if await super().has(task_id):
@@ -118,18 +125,38 @@ class SharedEventLog(EventLog):
 
     async def publish(self, task_id: str, kind: Kind, data: dict[str, Any]) -> TaskEvent:
         event = await super().publish(task_id, kind, data)
-        fields = {"kind": kind, "data": json.dumps(data, separators=(",", ":"))}
+        self._unsent.append((task_id, event))
+        self._news.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_forever(), name="task events to Redis")
+        return event
+
+    async def _write_forever(self) -> None:
+        while not self._closing:
+            await self._news.wait()
+            self._news.clear()
+            await self._write()
+
+    async def _write(self) -> None:
+        batch, self._unsent = self._unsent, []
+        if not batch:
+            return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(_key(task_id), fields, id=f"0-{event.id}", maxlen=MAX_EVENTS)
-                pipe.expire(_key(task_id), max(1, round(self.ttl_s)))
+                for task_id, event in batch:
+                    fields = {
+                        "kind": event.kind,
+                        "data": json.dumps(event.data, separators=(",", ":")),
+                    }
+                    pipe.xadd(_key(task_id), fields, id=f"0-{event.id}", maxlen=MAX_EVENTS)
+                for task_id in {task_id for task_id, _ in batch}:
+                    pipe.expire(_key(task_id), max(1, round(self.ttl_s)))
                 await pipe.execute()
             self._warned = False
         except RedisError as exc:
             if not self._warned:  # once per outage, not once per piece
                 log.warning("task events not shared: Redis failed: %s", exc.__class__.__name__)
                 self._warned = True
-        return event
 
     async def follow(self, task_id: str, *, after: int = 0) -> AsyncIterator[TaskEvent]:
         if await super().has(task_id):
@@ -160,6 +187,12 @@ class SharedEventLog(EventLog):
                         return
 
     async def aclose(self) -> None:
+        self._closing = True
+        self._news.set()
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._writer, timeout=5)
+        await self._write()  # what was published last
         await self._redis.aclose()
 
 
