@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -59,6 +60,9 @@ def test_a_streamed_task_sends_the_task_each_piece_and_the_stored_end(
     }
     sent = fake_llm.requests[-1].body
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    logged = [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
+    attempt = [line for line in logged if line.get("message") == "llm attempt"][-1]
+    assert attempt["outcome"] == "ok" and 0 < attempt["first_token_ms"] <= attempt["duration_ms"]
 
 
 def test_accept_text_event_stream_asks_for_a_stream_too(
