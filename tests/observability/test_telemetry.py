@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -195,3 +196,21 @@ def test_tracing_is_off_without_an_endpoint() -> None:
     assert not telemetry.tracing_configured(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true"}
     )
+
+
+def test_a_streamed_call_marks_its_first_token_on_the_attempt_span(
+    server: str, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(pieces=["a ", "b"], pause=0.05))
+    EXPORTER.clear()
+    with httpx.Client(timeout=30) as client:
+        events = client.post(
+            f"{server}/task",
+            json={"prompt": "streamed in a trace", "stream": True},
+            headers={"X-API-Key": ALICE},
+        ).text
+    done = json.loads(events.strip().splitlines()[-1].removeprefix("data: "))
+    time.sleep(0.05)
+    (attempt,) = [s for s in spans_of(done["trace_id"]) if s.name.startswith("chat ")]
+    assert [event.name for event in attempt.events] == ["first_token"]
+    assert attempt.attributes["reasoning_agent.llm.outcome"] == "ok"
