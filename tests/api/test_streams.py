@@ -8,6 +8,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -310,3 +311,19 @@ def test_the_first_piece_passes_a_buffering_proxy_before_the_answer_ends(
     total = time.monotonic() - started
     assert total >= 3.0  # ten pieces 0.3 s apart
     assert first_delta is not None and first_delta < 1.5, (first_delta, total)
+
+
+def test_a_plain_request_is_not_cancelled_under_its_caller(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(delay=1.5))
+    with service.client() as client, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.post, "/task", json={"prompt": "let me finish"})
+        deadline = time.monotonic() + 5
+        while not (items := client.get("/query", params={"status": "pending"}).json()["items"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        refused = client.delete(f"/task/{items[0]['id']}")
+        assert refused.status_code == 409, refused.text
+        assert answer.result().status_code == 200
+        assert answer.result().json()["status"] == "completed"

@@ -338,3 +338,27 @@ def test_tasks_on_one_replica_or_a_worker_are_followed_from_another(
         assert stream.events[0].kind == "task" and stream.events[-1].kind == "done"
         assert deltas(stream) == "".join(words) == stream.events[-1].data["answer"]
         assert sum(e.kind == "delta" for e in stream.events) == len(words)  # piece by piece
+
+
+def test_a_stream_cancelled_through_another_replica_stops_where_it_runs(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    env = {"REDIS_URL": redis_url(), "LLM_TIMEOUT_S": "40"}
+    first, second = start_service(**env), start_service(**env)
+    words = [f"w{i} " for i in range(100)]
+    fake_llm.script(Step(pieces=words, pause=0.2))  # 20 s of answer
+    with first.client() as one, second.client() as other:
+        streamed = read_stream(
+            one, "POST", "/task", json={"prompt": "stop it", "stream": True}, stop_after=2
+        )
+        task_id = streamed.events[0].data["id"]
+        asked = time.monotonic()
+        cancelled = other.delete(f"/task/{task_id}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        rest = read_stream(other, "GET", f"/task/{task_id}/events", headers={"Last-Event-ID": "2"})
+        stopped_after = time.monotonic() - asked
+        stored = other.get(f"/task/{task_id}").json()
+    assert rest.events[-1].kind == "done" and rest.events[-1].data["status"] == "cancelled"
+    assert stopped_after < 13, stopped_after  # the next lease renewal, every 10 s
+    assert len(deltas(streamed) + deltas(rest)) < len("".join(words))
+    assert stored["status"] == "cancelled"  # not overwritten by the answer's end

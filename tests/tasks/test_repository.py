@@ -112,7 +112,7 @@ def test_held_leases_keep_their_tasks_and_lapsed_ones_are_freed(url: str) -> Non
             assert await holder.claim(queued.id) is not None
             for _ in range(6):  # 1.2 s, twice the lease, renewed as a live process does
                 await asyncio.sleep(0.2)
-                assert await holder.renew([pending.id, queued.id]) == 2
+                assert await holder.renew([pending.id, queued.id]) == {pending.id, queued.id}
                 assert await sweeper.sweep() == Swept(failed=0, requeued=0)
             await asyncio.sleep(0.7)  # the holder stopped renewing: it is gone
             swept = await sweeper.sweep()

@@ -8,7 +8,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,9 +61,12 @@ def _zombie(pid: int) -> bool:
 class Leases:
     """The tasks this process holds, renewed together by one statement every LEASE_S / 3."""
 
-    def __init__(self, repository: TaskRepository) -> None:
+    def __init__(
+        self, repository: TaskRepository, *, on_lost: Callable[[list[str]], object] | None = None
+    ) -> None:
         self._repository = repository
         self._held: set[str] = set()
+        self._on_lost = on_lost  # told of held tasks whose row no longer names this process
 
     @contextmanager
     def holding(self, task_id: str) -> Iterator[None]:
@@ -78,7 +81,15 @@ class Leases:
             await asyncio.sleep(self._repository.lease_s / 3)
             if not self._held:
                 continue
+            asked = list(self._held)
             try:
-                await self._repository.renew(list(self._held))
+                renewed = await self._repository.renew(asked)
             except Exception as exc:  # the next round tries again; the lease has slack
                 log.warning("could not renew task leases: %s", exc.__class__.__name__)
+                continue
+            # Still held here but not renewed: cancelled (or taken over) by another process.
+            lost = [
+                task_id for task_id in asked if task_id not in renewed and task_id in self._held
+            ]
+            if lost and self._on_lost is not None:
+                self._on_lost(lost)

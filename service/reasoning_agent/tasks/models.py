@@ -7,7 +7,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, DateTime, Dialect, Float, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -80,6 +91,7 @@ class Task(Base):
     temperature: Mapped[float | None] = mapped_column(Float)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    streamed: Mapped[bool] = mapped_column(Boolean, default=False)  # answered as events
     reasoning_effort: Mapped[str | None] = mapped_column(String(16))
     # Parameters asked for that the model does not take, so they were not sent.
     dropped_params: Mapped[list[str] | None] = mapped_column(JSON)

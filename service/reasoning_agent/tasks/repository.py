@@ -148,6 +148,7 @@ class TaskRepository:
         digest: str,
         reasoning_effort: str | None = None,
         dropped_params: list[str] | None = None,
+        streamed: bool = False,
         idempotency_key: str | None,
         trace_id: str | None,
         store_text: bool,
@@ -177,6 +178,7 @@ class TaskRepository:
             "max_tokens": max_tokens,
             "reasoning_effort": reasoning_effort,
             "dropped_params": dropped_params or None,
+            "streamed": streamed,
             "metadata": metadata,
             "attempts": 0,
             "trace_id": trace_id,
@@ -319,17 +321,23 @@ class TaskRepository:
                 return None
             return await session.get(Task, task_id, populate_existing=True)
 
-    async def renew(self, task_ids: list[str]) -> int:
-        """Extend this process's leases on these tasks; how many it still holds."""
-        return await self._commit_rows(
-            update(Task)
-            .where(
-                Task.id.in_(task_ids),
-                Task.holder == self.holder,
-                Task.status.in_((TaskStatus.PENDING, TaskStatus.RUNNING)),
+    async def renew(self, task_ids: list[str]) -> set[str]:
+        """Extend this process's leases on these tasks; the ones it still holds (not those
+        cancelled or taken over meanwhile)."""
+        async with self._database.sessions() as session:
+            held = await session.scalars(
+                update(Task)
+                .where(
+                    Task.id.in_(task_ids),
+                    Task.holder == self.holder,
+                    Task.status.in_((TaskStatus.PENDING, TaskStatus.RUNNING)),
+                )
+                .values(lease_until=datetime.now(UTC) + timedelta(seconds=self.lease_s))
+                .returning(Task.id)
             )
-            .values(lease_until=datetime.now(UTC) + timedelta(seconds=self.lease_s))
-        )
+            renewed = set(held)
+            await session.commit()
+        return renewed
 
     async def cancel(
         self,
@@ -339,13 +347,16 @@ class TaskRepository:
         statuses: tuple[TaskStatus, ...] = (TaskStatus.QUEUED, TaskStatus.RUNNING),
     ) -> bool:
         """Cancel the owner's task if it is in one of `statuses` (by default queued or
-        running); False if it was not."""
+        running; a pending one only if it is streamed: a plain request is not cancelled
+        under its caller); False if it was not."""
+        pending_ok = or_(Task.status != TaskStatus.PENDING, Task.streamed.is_(True))
         changed = await self._commit_rows(
             update(Task)
             .where(
                 Task.id == task_id,
                 Task.owner == owner,
                 Task.status.in_(statuses),
+                pending_ok,
             )
             .values(
                 status=TaskStatus.CANCELLED,

@@ -93,7 +93,8 @@ class TaskService:
         self.repository = repository
         self.events = events or EventLog()
         self._producers: dict[str, asyncio.Task[None]] = {}  # streamed tasks answering here
-        self.leases = Leases(repository)
+        # A stream cancelled through another process stops here at the next lease renewal.
+        self.leases = Leases(repository, on_lost=self._stop_streams)
         self.agent = agent
         self.runner = runner
         self._store_text = store_text
@@ -135,6 +136,7 @@ class TaskService:
         status: TaskStatus,
         idempotency_key: str | None,
         trace_id: str | None,
+        streamed: bool = False,
     ) -> tuple[Task, bool, str]:
         """The stored task, whether it is new, and the digest of the request."""
         model = body.model or self.agent.default_model
@@ -148,6 +150,7 @@ class TaskService:
             max_tokens=body.max_tokens,
             reasoning_effort=body.reasoning_effort,
             dropped_params=self.agent.dropped_params(model, temperature=body.temperature),
+            streamed=streamed,
             metadata=dict(body.metadata),
             digest=digest,
             idempotency_key=idempotency_key,
@@ -175,6 +178,7 @@ class TaskService:
             status=TaskStatus.PENDING,
             idempotency_key=idempotency_key,
             trace_id=trace_id,
+            streamed=True,
         )
         if not created:
             if task.request_hash != digest:
@@ -195,7 +199,10 @@ class TaskService:
                 outcome = await self._ask(
                     task, prompt=body.prompt, system=body.system, on_delta=on_delta
                 )
-                await self._record(task, outcome, partial="".join(answered))
+                # Only while pending: a cancellation through another process wins.
+                await self._record(
+                    task, outcome, expect=TaskStatus.PENDING, partial="".join(answered)
+                )
         except asyncio.CancelledError:
             await asyncio.shield(self._cancelled(task, started))
             raise
@@ -206,6 +213,10 @@ class TaskService:
             log.exception("streamed task %s failed unexpectedly", task.id)
             error = ServiceError("the task failed unexpectedly", extra={"task_id": task.id})
             await self.events.publish(task.id, "error", error.body())
+            return
+        if task.status == TaskStatus.PENDING:  # the outcome was not written: cancelled
+            task = await self.repository.get(task.owner, task.id) or task
+            await self.events.publish(task.id, "done", _shown(task))
             return
         if outcome.error is not None:
             failure = for_llm_error(outcome.error)
@@ -224,6 +235,11 @@ class TaskService:
             return False
         producer.cancel()
         return True
+
+    def _stop_streams(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            if self.stop_stream(task_id):
+                log.info("streamed task %s was cancelled elsewhere: stopped", task_id)
 
     def _publisher(self, task_id: str, answered: list[str]) -> OnDelta:
         """What passes each piece of a task's answer on as a `delta` event (and keeps the
@@ -439,10 +455,12 @@ class TaskService:
             self.stop_stream(task_id)
             await asyncio.wait([producer], timeout=10)
             return await self.get(owner, task_id)
-        if not await self.repository.cancel(owner, task_id):
+        unfinished = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.PENDING)
+        if not await self.repository.cancel(owner, task_id, statuses=unfinished):
             task = await self.get(owner, task_id)
             raise Conflict(
-                f"the task is {task.status}: only queued or running tasks can be cancelled"
+                f"the task is {task.status}: only queued, running or streamed tasks can be "
+                "cancelled"
             )
         try:
             await self.runner.cancel(task_id)
