@@ -327,3 +327,28 @@ def test_a_plain_request_is_not_cancelled_under_its_caller(
         assert refused.status_code == 409, refused.text
         assert answer.result().status_code == 200
         assert answer.result().json()["status"] == "completed"
+
+
+def test_a_streamed_reasoning_model_reports_its_reasoning_tokens_once(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    usage = {
+        "prompt_tokens": 5,
+        "completion_tokens": 50,
+        "total_tokens": 55,
+        "completion_tokens_details": {"reasoning_tokens": 40},
+    }
+    fake_llm.script(Step(pieces=["42"], usage=usage))
+    body = {"prompt": "o", "model": "o3", "stream": True, "temperature": 1, "max_tokens": 64}
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json=body)
+    done = stream.events[-1].data
+    assert done["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 50,
+        "total_tokens": 55,
+        "reasoning_tokens": 40,
+    }
+    sent = fake_llm.requests[-1].body
+    assert sent["max_completion_tokens"] == 64 and "temperature" not in sent
+    assert done["dropped_params"] == ["temperature"]
