@@ -253,6 +253,8 @@ def test_the_app_pod_has_probes_resources_and_a_grace_period_past_the_llm_deadli
     assert pod["terminationGracePeriodSeconds"] > 90 + 5  # the delay, then the deadline
     configmap = find(docs, "ConfigMap", "ra-reasoning-agent")
     assert configmap["data"]["LLM_TIMEOUT_S"] == "90"
+    assert configmap["data"]["STREAM_HEARTBEAT_S"] == "15"  # under the usual 60 s idle timeouts
+    assert configmap["data"]["STREAM_ON_DISCONNECT"] == "continue"
     assert container["envFrom"] == [{"configMapRef": {"name": "ra-reasoning-agent"}}]
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     service = find(docs, "Service", "ra-reasoning-agent")
