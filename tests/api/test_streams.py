@@ -89,6 +89,16 @@ def test_keep_alive_comments_while_the_upstream_is_silent(
     assert len(keep_alives) >= 3, stream.comments  # three heartbeat periods of silence
 
 
+def test_no_keep_alive_while_pieces_come_faster_than_the_heartbeat(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(pieces=[f"w{i} " for i in range(12)], pause=HEARTBEAT_S / 3))
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "busy", "stream": True})
+    assert stream.events[-1].kind == "done"
+    assert stream.comments == []  # 1.2 s of pieces, each within a third of a heartbeat
+
+
 def test_no_usage_chunk_means_no_usage(service: Service, fake_llm: FakeOpenAI) -> None:
     fake_llm.script(Step(usage=None))
     with service.client() as client:

@@ -3,6 +3,7 @@ while nothing else is sent, and a count of the clients that leave before the end
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -24,21 +25,31 @@ def event_stream(
 ) -> EventSourceResponse:
     """The response that sends `events`; a client gone before the last one is counted by
     what `on_disconnect` did to the task (`continued` without it)."""
-    return EventSourceResponse(
-        _sent(events, on_disconnect),
-        ping=heartbeat_s,
-        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
-        headers=HEADERS,
-    )
+    # ping=0: sse-starlette's own pings come on a fixed beat, ours only when idle.
+    return EventSourceResponse(_sent(events, heartbeat_s, on_disconnect), ping=0, headers=HEADERS)
 
 
 async def _sent(
-    events: AsyncIterator[TaskEvent], on_disconnect: Callable[[], str] | None
+    events: AsyncIterator[TaskEvent],
+    heartbeat_s: float,
+    on_disconnect: Callable[[], str] | None,
 ) -> AsyncIterator[ServerSentEvent]:
     metrics.STREAMS_OPEN.inc()
     ended = False
+    # The events are read by a task of their own, so that waiting for the next one can time
+    # out (for a heartbeat) without cancelling the iterator.
+    queue: asyncio.Queue[TaskEvent | None] = asyncio.Queue()
+    pump = asyncio.create_task(_pump(events, queue))
     try:
-        async for event in events:
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat_s):
+                    event = await queue.get()
+            except TimeoutError:
+                yield ServerSentEvent(comment="keep-alive")
+                continue
+            if event is None:
+                break
             yield ServerSentEvent(
                 data=json.dumps(event.data, separators=(",", ":")),
                 event=event.kind,
@@ -46,10 +57,19 @@ async def _sent(
             )
             ended = event.ends
     finally:
+        pump.cancel()  # no await here: the response's cancel scope cancels every one
         metrics.STREAMS_OPEN.dec()
         if not ended:  # no await here: the response's cancel scope cancels every one
             became = on_disconnect() if on_disconnect else "continued"
             metrics.STREAM_DISCONNECTS.labels(became).inc()
+
+
+async def _pump(events: AsyncIterator[TaskEvent], queue: asyncio.Queue[TaskEvent | None]) -> None:
+    try:
+        async for event in events:
+            queue.put_nowait(event)
+    finally:
+        queue.put_nowait(None)
 
 
 def last_event_id(value: str | None) -> int:
