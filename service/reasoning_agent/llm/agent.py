@@ -51,28 +51,6 @@ class ReasoningAgent:
             return ["temperature"]
         return []
 
-    def request(
-        self,
-        prompt: str,
-        *,
-        system: str | None = None,
-        model: str | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        reasoning_effort: str | None = None,
-    ) -> LLMRequest:
-        """What the provider is asked: a reasoning model gets no temperature."""
-        model = model or self.provider.default_model
-        reasoning = self.is_reasoning_model(model)
-        return LLMRequest(
-            messages=self.build_messages(prompt, system),
-            model=model,
-            temperature=None if reasoning else temperature,
-            max_tokens=max_tokens,
-            reasoning_effort=reasoning_effort,
-            reasoning_model=reasoning,
-        )
-
     @property
     def default_model(self) -> str:
         return self.provider.default_model
@@ -102,13 +80,15 @@ class ReasoningAgent:
         reason = self.provider.unconfigured_reason()
         if reason:
             raise NotConfigured(message=reason)
-        request = self.request(
-            prompt,
-            system=system,
+        model = model or self.provider.default_model
+        dropped = self.dropped_params(model, temperature=temperature)
+        request = LLMRequest(
+            messages=self.build_messages(prompt, system),
             model=model,
-            temperature=temperature,
+            temperature=None if "temperature" in dropped else temperature,
             max_tokens=max_tokens,
             reasoning_effort=reasoning_effort,
+            reasoning_model=self.is_reasoning_model(model),
         )
         deadline = time.monotonic() + self.timeout_s
         try:
