@@ -16,6 +16,7 @@ import httpx2
 import openai
 from openai._constants import RAW_RESPONSE_HEADER
 from openai.types.chat import ChatCompletionChunk
+from opentelemetry.trace import Span
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -338,27 +339,37 @@ class OpenAIProvider:
                 result = _parse(body, model=request.model, attempts=number)
             except BaseException as exc:
                 error = exc
-                if current.is_recording():
-                    current.set_attribute("reasoning_agent.llm.outcome", _outcome(exc))
                 raise
             finally:
-                elapsed = time.monotonic() - started
-                outcome = _outcome(error)
-                metrics.LLM_ATTEMPTS.labels(
-                    self.name, metrics.model_label(request.model), outcome
-                ).inc()
-                log.info(
-                    "llm attempt",
-                    extra={
-                        "provider": self.name,
-                        "model": request.model,
-                        "attempt": number,
-                        "outcome": outcome,
-                        "duration_ms": round(elapsed * 1000, 1),
-                    },
-                )
+                self._note_attempt(current, request, number, error, started)
             record_result(current, result)
             return result
+
+    def _note_attempt(
+        self,
+        current: Span,
+        request: LLMRequest,
+        number: int,
+        error: BaseException | None,
+        started: float,
+        **extra: object,
+    ) -> None:
+        """Count and log one attempt (with `extra` fields), and mark its span if it failed."""
+        outcome = _outcome(error)
+        if error is not None and current.is_recording():
+            current.set_attribute("reasoning_agent.llm.outcome", outcome)
+        metrics.LLM_ATTEMPTS.labels(self.name, metrics.model_label(request.model), outcome).inc()
+        log.info(
+            "llm attempt",
+            extra={
+                "provider": self.name,
+                "model": request.model,
+                "attempt": number,
+                "outcome": outcome,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                **extra,
+            },
+        )
 
     async def _attempt_stream(
         self, request: LLMRequest, number: int, deadline: float, passed: _Passed
@@ -405,6 +416,8 @@ class OpenAIProvider:
                             if passed.chars + passed.reasoning_chars > self._max_response_bytes:
                                 raise _too_large(self._max_response_bytes, number)
                             await passed.forward(delta)
+                if first_token_ms is None:
+                    raise NoAnswer(message="upstream streamed no answer", attempts=number)
             except TimeoutError:
                 error = DeadlineExceeded(
                     message=f"upstream stream not finished by the deadline after {passed.chars}"
@@ -416,25 +429,9 @@ class OpenAIProvider:
                 error = exc
                 raise
             finally:
-                outcome = _outcome(error)
-                if current.is_recording():
-                    current.set_attribute("reasoning_agent.llm.outcome", outcome)
-                metrics.LLM_ATTEMPTS.labels(
-                    self.name, metrics.model_label(request.model), outcome
-                ).inc()
-                log.info(
-                    "llm attempt",
-                    extra={
-                        "provider": self.name,
-                        "model": request.model,
-                        "attempt": number,
-                        "outcome": outcome,
-                        "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                        "first_token_ms": first_token_ms,
-                    },
+                self._note_attempt(
+                    current, request, number, error, started, first_token_ms=first_token_ms
                 )
-            if first_token_ms is None:
-                raise NoAnswer(message="upstream streamed no answer", attempts=number)
             prompt_tokens, completion_tokens, reasoning_tokens = usage
             result = LLMResult(
                 answer="".join(answer),
