@@ -16,7 +16,7 @@ from typing import Any, Literal, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-__all__ = ["END_KINDS", "EventLog", "SharedEventLog", "TaskEvent"]
+__all__ = ["END_KINDS", "EventLog", "Kind", "SharedEventLog", "TaskEvent"]
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from reasoning_agent.errors import (
     Conflict,
@@ -29,7 +30,7 @@ from reasoning_agent.llm.agent import ReasoningAgent
 from reasoning_agent.llm.base import Delta, LLMError, LLMResult, OnDelta
 from reasoning_agent.observability import metrics
 from reasoning_agent.runners.base import Runner
-from reasoning_agent.tasks.events import EventLog, TaskEvent
+from reasoning_agent.tasks.events import EventLog, Kind, TaskEvent
 from reasoning_agent.tasks.leases import MAX_TRIES, Leases
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.repository import (
@@ -214,18 +215,16 @@ class TaskService:
             error = ServiceError("the task failed unexpectedly", extra={"task_id": task.id})
             await self.events.publish(task.id, "error", error.body())
             return
-        if task.status == TaskStatus.PENDING:  # the outcome was not written: cancelled
+        if outcome.result is not None:
+            self._show_unstored(task, body, outcome.result)
+        await self._publish_end(task, unwritten=TaskStatus.PENDING)
+
+    async def _publish_end(self, task: Task, *, unwritten: TaskStatus) -> None:
+        """Publish the task's last event as stored; a task still `unwritten` after its outcome
+        was recorded was cancelled meanwhile, and is read again."""
+        if task.status == unwritten:
             task = await self.repository.get(task.owner, task.id) or task
-            await self.events.publish(task.id, "done", _shown(task))
-            return
-        if outcome.error is not None:
-            failure = for_llm_error(outcome.error)
-            error = failure(str(outcome.error), extra={"task_id": task.id})
-            await self.events.publish(task.id, "error", error.body())
-            return
-        assert outcome.result is not None
-        self._show_unstored(task, body, outcome.result)
-        await self.events.publish(task.id, "done", _shown(task))
+        await self.events.publish(task.id, *_ending(task))
 
     def stop_stream(self, task_id: str) -> bool:
         """Stop a streamed task this process is answering (it is then marked cancelled);
@@ -292,12 +291,7 @@ class TaskService:
             if task.status not in (TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING):
                 break
             await asyncio.sleep(_POLL_S)
-        if task.status == TaskStatus.FAILED:
-            error = for_error_type(task.error_type)
-            body = error(task.error or "the task failed", extra={"task_id": task.id}).body()
-            yield TaskEvent(last + 1, "error", body)
-        else:
-            yield TaskEvent(last + 1, "done", _shown(task))
+        yield TaskEvent(last + 1, *_ending(task))
 
     async def drain(self, *, timeout_s: float) -> None:
         """Let streamed tasks still answering finish, then cancel what is left."""
@@ -410,13 +404,7 @@ class TaskService:
                 log.error("background task %s: %s", task.id, exc.message)
                 await self.events.publish(task.id, "error", exc.body())
                 return
-        stored = await self.repository.get(task.owner, task.id) or task  # cancelled meanwhile?
-        if stored.status == TaskStatus.FAILED:
-            failure = for_error_type(stored.error_type)
-            error = failure(stored.error or "the task failed", extra={"task_id": task.id})
-            await self.events.publish(task.id, "error", error.body())
-        else:
-            await self.events.publish(task.id, "done", _shown(stored))
+        await self._publish_end(task, unwritten=TaskStatus.RUNNING)
 
     async def resume(self) -> int:
         """Hand the runner what a stopped process left queued."""
@@ -595,6 +583,15 @@ class TaskService:
 _POLL_S = 1.0  # how often a task followed from the database is read again
 
 
-def _shown(task: Task) -> dict[str, object]:
+def _shown(task: Task) -> dict[str, Any]:
     """The task as the API shows it, for an event."""
     return TaskOut.of(task).model_dump(mode="json")
+
+
+def _ending(task: Task) -> tuple[Kind, dict[str, Any]]:
+    """A finished task's last event: `error` with the usual body for a failed one, else
+    `done` with the task."""
+    if task.status == TaskStatus.FAILED:
+        error = for_error_type(task.error_type)
+        return "error", error(task.error or "the task failed", extra={"task_id": task.id}).body()
+    return "done", _shown(task)
