@@ -384,3 +384,14 @@ class OwnPostgres:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self._root, ignore_errors=True)
+
+
+def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: float = 30) -> dict:
+    """The task once it is in one of `statuses`, read every 0.1 s; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        task = client.get(f"/task/{task_id}").json()
+        if task["status"] in statuses:
+            return task
+        assert time.monotonic() < deadline, f"task stayed {task['status']}"
+        time.sleep(0.1)

@@ -18,7 +18,7 @@ from tests.conftest import StartService, module_service
 from tests.deploy.conftest import missing
 from tests.fake_openai import FakeOpenAI, Step
 from tests.sse import deltas, read_stream
-from tests.support import ALICE, BOB, Service, free_port
+from tests.support import ALICE, BOB, Service, free_port, wait_for
 
 HEARTBEAT_S = 0.3
 
@@ -175,11 +175,7 @@ def test_a_disconnected_stream_still_runs_to_the_end(
         first = read_stream(
             client, "POST", "/task", json={"prompt": "leave", "stream": True}, stop_after=2
         )
-        task_id = first.events[0].data["id"]
-        deadline = time.monotonic() + 10
-        while (task := client.get(f"/task/{task_id}").json())["status"] == "pending":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        task = wait_for(client, first.events[0].data["id"], {"completed"}, timeout=10)
     assert task["status"] == "completed" and task["answer"] == "a b c d"
     with service.client() as client:  # alice reads /metrics
         metrics = client.get("/metrics").text
@@ -200,11 +196,7 @@ def test_with_stream_on_disconnect_cancel_a_client_gone_stops_the_task(
         first = read_stream(
             client, "POST", "/task", json={"prompt": "bye", "stream": True}, stop_after=2
         )
-        task_id = first.events[0].data["id"]
-        deadline = time.monotonic() + 10
-        while (task := client.get(f"/task/{task_id}").json())["status"] == "pending":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        task = wait_for(client, first.events[0].data["id"], {"cancelled"}, timeout=10)
         metrics = client.get("/metrics").text
     assert task["status"] == "cancelled"
     assert 'reasoning_agent_stream_disconnects_total{task="cancelled"} 1.0' in metrics

@@ -10,23 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import StartService
 from tests.fake_openai import FakeOpenAI, Step
 from tests.sse import deltas, read_stream
-from tests.support import Service, command, query, redis_url
-
-
-def wait_for(client: httpx.Client, task_id: str, statuses: set[str], timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        task = client.get(f"/task/{task_id}").json()
-        if task["status"] in statuses:
-            return task
-        assert time.monotonic() < deadline, f"task stayed {task['status']}"
-        time.sleep(0.1)
+from tests.support import Service, command, query, redis_url, wait_for
 
 
 def test_async_mode_answers_202_and_the_task_completes(
