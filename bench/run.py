@@ -58,12 +58,17 @@ class Contender:
     pids: list[int] = field(default_factory=list)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        stop(self.process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """End a process we spawned, and its children: SIGTERM, then SIGKILL after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -471,8 +476,7 @@ def thousand_concurrent(tmp: Path, rounds: int) -> dict:
                 contender.stop()
             rows[contender.name] = row
     finally:
-        os.killpg(slow_process.pid, signal.SIGTERM)
-        slow_process.wait(timeout=30)
+        stop(slow_process)
     return rows
 
 
@@ -551,8 +555,7 @@ def main() -> None:
         if "stream" in only:
             scenarios.update(streaming.streaming(tmp, args, run=sys.modules[__name__]))
     finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        up.wait(timeout=30)
+        stop(up)
         shutil.rmtree(tmp, ignore_errors=True)
 
     RESULTS.mkdir(exist_ok=True)

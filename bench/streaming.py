@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import statistics
 import time
 from pathlib import Path
@@ -101,8 +99,7 @@ def streaming(tmp: Path, args: Any, *, run: Any) -> dict[str, dict]:
             for contender in contenders.values():
                 contender.stop()
     finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        up.wait(timeout=30)
+        run.stop(up)
     base = {q: statistics.median(r[q] for r in ttft["upstream"]) for q in ("p50", "p99")}
     added = {
         name: {
@@ -128,8 +125,7 @@ def streaming(tmp: Path, args: Any, *, run: Any) -> dict[str, dict]:
                 contender.stop()
             many[contender.name] = row
     finally:
-        os.killpg(slow_process.pid, signal.SIGTERM)
-        slow_process.wait(timeout=30)
+        run.stop(slow_process)
     return {"stream_first_token_added": added, "thousand_streams_1s": many}
 
 
