@@ -37,6 +37,7 @@ __all__ = [
     "Unauthorized",
     "UpstreamUnreachable",
     "UriTooLong",
+    "error_body",
     "error_response",
     "error_responses",
     "for_error_type",
@@ -66,8 +67,8 @@ class ServiceError(Exception):
         self.extra = extra or {}
 
     def body(self) -> dict[str, Any]:
-        """The JSON every error answers with, as a stream's `error` event carries it too."""
-        return {"error": {"type": self.type, "message": self.message, **self.extra}}
+        """The JSON it answers with, as a stream's `error` event carries it too."""
+        return error_body(self.type, self.message, extra=self.extra)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -165,10 +166,13 @@ def error_response(
     extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        {"error": {"type": type_, "message": message, **(extra or {})}},
-        status_code=status,
-        headers=headers,
+        error_body(type_, message, extra=extra), status_code=status, headers=headers
     )
+
+
+def error_body(type_: str, message: str, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one shape of every error: `{"error": {"type", "message", ...extra}}`."""
+    return {"error": {"type": type_, "message": message, **(extra or {})}}
 
 
 class ErrorBody(BaseModel):

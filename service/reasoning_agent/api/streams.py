@@ -57,9 +57,10 @@ async def _sent(
             )
             ended = event.ends
     finally:
-        pump.cancel()  # no await here: the response's cancel scope cancels every one
+        # No await here: the response's cancel scope cancels every one.
+        pump.cancel()
         metrics.STREAMS_OPEN.dec()
-        if not ended:  # no await here: the response's cancel scope cancels every one
+        if not ended:
             became = on_disconnect() if on_disconnect else "continued"
             metrics.STREAM_DISCONNECTS.labels(became).inc()
 
