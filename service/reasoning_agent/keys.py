@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import re
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from reasoning_agent.config import ConfigError, Settings
 from reasoning_agent.observability import logs
+from reasoning_agent.watched import WatchedFile
 
 __all__ = ["ApiKey", "KeyRing", "fingerprint"]
 
@@ -22,7 +20,6 @@ _FINGERPRINT_KEY = b"reasoning-agent/api-key/v1"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MIN_KEY_CHARS = 16
 _MAX_KEY_CHARS = 512
-_RELOAD_EVERY_S = 1.0
 
 
 def fingerprint(secret: str) -> str:
@@ -72,13 +69,9 @@ class KeyRing:
 
     def __init__(self, *, inline: str | None, file: Path | None) -> None:
         self._inline = parse_keys(inline, source="API_KEYS") if inline else {}
-        self._file = file
-        self._file_stamp: tuple[int, int, int] | None = None
-        self._next_check = 0.0
-        self._lock = threading.Lock()
-        self._keys = dict(self._inline)
+        self._file: WatchedFile[dict[str, ApiKey]] | None = None
         if file is not None:
-            self._keys = self._load_file(file)
+            self._file = WatchedFile(file, self._with_file, name="API_KEYS_FILE", logger=log)
         if not self._keys:
             raise ConfigError("API_KEYS / API_KEYS_FILE: no API key is configured")
 
@@ -86,6 +79,10 @@ class KeyRing:
     def from_settings(cls, settings: Settings) -> KeyRing:
         inline = settings.api_keys.get_secret_value() if settings.api_keys else None
         return cls(inline=inline, file=settings.api_keys_file)
+
+    @property
+    def _keys(self) -> dict[str, ApiKey]:
+        return self._inline if self._file is None else self._file.current
 
     @property
     def names(self) -> list[str]:
@@ -96,7 +93,6 @@ class KeyRing:
         """The key's owner, or None; every known key is compared so timing tells nothing."""
         if not presented or len(presented) > _MAX_KEY_CHARS:
             return None
-        self._reload_if_changed()
         digest = fingerprint(presented).encode()
         found: ApiKey | None = None
         for known, key in self._keys.items():
@@ -104,15 +100,11 @@ class KeyRing:
                 found = key
         return found
 
-    def _load_file(self, file: Path) -> dict[str, ApiKey]:
-        try:
-            stat = file.stat()
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"API_KEYS_FILE: cannot read {file}: {exc.__class__.__name__}"
-            ) from None
+    def _with_file(self, text: str) -> dict[str, ApiKey]:
+        """The inline keys and the file's; a re-read that empties the file is refused."""
         from_file = parse_keys(text, source="API_KEYS_FILE")
+        if not from_file and self._file is not None:
+            raise ConfigError("API_KEYS_FILE: holds no key")
         inline_names = {key.name for key in self._inline.values()}
         for digest, key in from_file.items():
             if key.name in inline_names and digest not in self._inline:
@@ -120,28 +112,4 @@ class KeyRing:
                     f"API_KEYS_FILE: the name {key.name!r} is in both API_KEYS and "
                     "API_KEYS_FILE with different keys, which would make them one caller"
                 )
-        self._file_stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         return {**self._inline, **from_file}
-
-    def _reload_if_changed(self) -> None:
-        if self._file is None or time.monotonic() < self._next_check:
-            return
-        with self._lock:
-            self._next_check = time.monotonic() + _RELOAD_EVERY_S
-            try:
-                stat = os.stat(self._file)
-            except OSError as exc:
-                log.warning("api keys file unreadable, keeping previous keys: %s", exc.strerror)
-                return
-            if (stat.st_mtime_ns, stat.st_size, stat.st_ino) == self._file_stamp:
-                return
-            try:
-                keys = self._load_file(self._file)
-            except ConfigError as exc:
-                log.warning("api keys file rejected, keeping previous keys: %s", exc)
-                return
-            if not keys:
-                log.warning("api keys file is empty, keeping previous keys")
-                return
-            self._keys = keys
-            log.info("api keys reloaded", extra={"keys": len(keys)})
