@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,17 @@ import pytest
 from limits import parse_many
 from redis.asyncio import Redis
 
-from reasoning_agent.ratelimit import Decision, LocalLimiter, RateLimiter, StoreUnavailable
+from reasoning_agent.ratelimit import (
+    Decision,
+    LocalLimiter,
+    RateLimiter,
+    StoreUnavailable,
+    TokenAsk,
+)
+from reasoning_agent.windows import token_windows
 from tests.conftest import StartService
-from tests.support import ALICE, BOB, free_port, need, redis_url
+from tests.fake_openai import FakeOpenAI
+from tests.support import ALICE, BOB, free_port, need, redis_url, worker_pids
 
 # Its subject is not the database: the PostgreSQL pass skips it.
 pytestmark = pytest.mark.database_agnostic
@@ -63,6 +72,72 @@ def test_exact_across_two_processes_of_two_workers(start_service: StartService) 
     }
     assert len(pids) >= 3, f"requests reached only workers {pids}"
     print(f"\nlimit accuracy (accepted/expected), 3 runs: {', '.join(accuracy)}")
+
+
+def test_a_token_budget_admits_exactly_its_reservations_across_two_processes_of_two_workers(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    """50 calls at once against a budget with room for 10 reservations: each check reserves in
+    the same atomic step, so exactly 10 get through, and the budget is never overspent."""
+    shared = redis_url()
+    rounds = ["round-1", "round-2", "round-3"]
+    keys = {name: f"{name}-key-0123456789abcdef" for name in rounds}
+    env = {
+        "API_KEYS": ",".join(f"{name}:{key}" for name, key in keys.items()) + f",alice:{ALICE}",
+        "ADMIN_KEYS": "alice",
+        "WORKERS": "2",
+        "REDIS_URL": shared,
+        "RATE_LIMIT": "1000/minute",
+        "QUERY_RATE_LIMIT": "100000/minute",
+        "TOKEN_BUDGET": "1000/day",  # room for 10 reservations of 100
+    }
+    first = start_service(**env)
+    second = start_service(**env)
+    bases = [first.base_url, second.base_url]
+    fake_llm.default_delay = 2.0  # every admitted call is still running when the last is decided
+
+    async def flood(key: str) -> list[httpx.Response]:
+        async def one(i: int) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=bases[i % 2], timeout=60) as client:
+                return await client.post(
+                    "/task",
+                    json={"prompt": f"call {i:02d} ".ljust(30, "x"), "max_tokens": 90},
+                    headers={"X-API-Key": key},
+                )
+
+        return list(await asyncio.gather(*(one(i) for i in range(50))))
+
+    def watch(name: str, stop: threading.Event, seen: list[int]) -> None:
+        with httpx.Client(base_url=bases[1], headers={"X-API-Key": ALICE}) as admin:
+            while not stop.is_set():
+                (window,) = admin.get("/usage", params={"key": name}).json()["windows"]
+                seen.append(window["used"] + window["reserved"])
+                time.sleep(0.02)
+
+    figures = []
+    for name in rounds:
+        seen: list[int] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=(name, stop, seen))
+        watcher.start()
+        try:
+            answers = asyncio.run(flood(keys[name]))
+        finally:
+            stop.set()
+            watcher.join()
+        statuses = [answer.status_code for answer in answers]
+        assert statuses.count(200) == 10 and statuses.count(429) == 40, statuses
+        refused = {a.json()["error"]["type"] for a in answers if a.status_code == 429}
+        assert refused == {"token_budget_exceeded"}
+        assert seen and max(seen) <= 1000, max(seen)
+        with httpx.Client(base_url=bases[0], headers={"X-API-Key": ALICE}) as admin:
+            (window,) = admin.get("/usage", params={"key": name}).json()["windows"]
+        reported = sum(a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200)
+        assert (window["used"], window["reserved"]) == (reported, 0)
+        figures.append(f"{statuses.count(200)}/10 admitted, peak {max(seen)}/1000")
+    pids = worker_pids(first) | worker_pids(second)
+    assert len(pids) >= 3, f"requests reached only workers {pids}"
+    print(f"\ntoken budget, 50 at once, 3 rounds: {'; '.join(figures)}")
 
 
 @pytest.fixture
@@ -192,6 +267,92 @@ def test_the_sliding_window_is_exact_in_redis_and_in_memory() -> None:
         True,
         False,
     ]
+
+
+@pytest.mark.parametrize("store", ["in-process", "redis"])
+def test_tokens_are_reserved_with_their_request_or_not_at_all_and_settle_once(store: str) -> None:
+    windows = token_windows([], parse_many("300/day"))
+    requests = parse_many("1000/minute")
+
+    def ask(name: str, tokens: int) -> TokenAsk:
+        return TokenAsk(id=name, tokens=tokens, windows=windows)
+
+    async def scenario() -> None:
+        limiter = RateLimiter(redis_url=redis_url() if store == "redis" else None)
+        try:
+            admitted = [
+                (await limiter.admit("task", "o", requests, ask(n, t))).allowed
+                for n, t in (("a", 100), ("b", 150), ("c", 100))
+            ]
+            assert admitted == [True, True, False]  # 250 held: no room for 100 more
+            (state,) = await limiter.usage("o", windows)
+            assert (state.used, state.reserved, state.remaining) == (0, 250, 50)
+            assert await limiter.settle("o", "a", charge=20) == 100
+            assert await limiter.settle("o", "a", charge=20) is None  # a second time: nothing
+            assert await limiter.settle("o", "never-made", charge=5) is None
+            (state,) = await limiter.usage("o", windows)
+            assert (state.used, state.reserved) == (20, 150)
+            # An upstream that used more than was reserved is charged it all.
+            assert await limiter.settle("o", "b", charge=400) == 150
+            (state,) = await limiter.usage("o", windows)
+            assert (state.used, state.reserved, state.remaining) == (420, 0, 0)
+            refused = await limiter.admit("task", "o", requests, ask("d", 1))
+            assert refused.tokens is not None and not refused.allowed
+            assert refused.tokens.retry_after is not None
+
+            # A request limit that refuses reserves nothing, and a token window that refuses
+            # counts no request.
+            one = parse_many("1/minute")
+            assert (await limiter.admit("task", "p", one, ask("e", 10))).allowed
+            full = await limiter.admit("task", "p", one, ask("f", 10))
+            assert not full.requests.allowed and full.reserved is None
+            (state,) = await limiter.usage("p", windows)
+            assert state.reserved == 10
+            tight = token_windows([], parse_many("5/day"))
+            no_room = await limiter.admit(
+                "task", "q", one, TokenAsk(id="g", tokens=9, windows=tight)
+            )
+            assert no_room.requests.allowed and not no_room.allowed
+            assert no_room.tokens is not None and no_room.tokens.retry_after is None  # never fits
+            assert (await limiter.admit("task", "q", one)).allowed  # its request was not counted
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("store", ["in-process", "redis"])
+def test_a_new_window_starts_empty_and_an_old_reservation_settles_only_in_its_own(
+    store: str,
+) -> None:
+    windows = token_windows(parse_many("10/second"), [])
+    requests = parse_many("1000/minute")
+
+    async def scenario() -> None:
+        limiter = RateLimiter(redis_url=redis_url() if store == "redis" else None)
+        try:
+            await asyncio.sleep(1 - time.time() % 1 + 0.05)  # early in a second
+            first = await limiter.admit(
+                "task", "o", requests, TokenAsk(id="a", tokens=8, windows=windows)
+            )
+            assert first.allowed
+            second = await limiter.admit(
+                "task", "o", requests, TokenAsk(id="b", tokens=8, windows=windows)
+            )
+            assert not second.allowed and second.tokens is not None
+            assert second.tokens.retry_after == 1
+            await asyncio.sleep(1 - time.time() % 1 + 0.05)  # the next second: a new window
+            third = await limiter.admit(
+                "task", "o", requests, TokenAsk(id="c", tokens=8, windows=windows)
+            )
+            assert third.allowed
+            assert await limiter.settle("o", "a", charge=3) == 8  # its window is over
+            (state,) = await limiter.usage("o", windows)
+            assert (state.used, state.reserved) == (0, 8)  # only c's, in the new window
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_checks_made_at_once_share_pipelines_and_stay_exact(own_redis: dict) -> None:

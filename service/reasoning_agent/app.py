@@ -19,7 +19,7 @@ from reasoning_agent.api.middleware import (
     RequestContextMiddleware,
     RequestLimitsMiddleware,
 )
-from reasoning_agent.api.routes import health, tasks
+from reasoning_agent.api.routes import health, tasks, usage
 from reasoning_agent.config import Settings, load_settings
 from reasoning_agent.errors import install_handlers
 from reasoning_agent.keys import KeyRing
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.include_router(tasks.router)
+    app.include_router(usage.router)
     app.include_router(health.router)
     app.include_router(health.probes)
     document_api_key(app, public=PUBLIC_PATHS)

@@ -6,17 +6,43 @@ import re
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import limits
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+__all__ = ["ConfigError", "LimitsText", "Settings", "load_settings", "parse_limits"]
 
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names the variable."""
+
+
+def parse_limits(value: str) -> list[limits.RateLimitItem]:
+    """`60/minute`, `2000000/day;50000000/month`: ValueError for anything else."""
+    try:
+        parsed = limits.parse_many(value)
+    except ValueError:
+        parsed = []
+    if not parsed:
+        raise ValueError("expected limits syntax such as 60/minute or 60/minute;1000/day")
+    return parsed
+
+
+def _limits_text(value: str) -> str:
+    parse_limits(value)
+    return value
+
+
+LimitsText = Annotated[str, AfterValidator(_limits_text)]
 
 
 class Settings(BaseSettings):
@@ -29,8 +55,14 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
     admin_keys: str = ""  # names from API_KEYS whose callers may read /metrics on the main port
-    rate_limit: str = "60/minute"
-    query_rate_limit: str = "600/minute"
+    rate_limit: LimitsText = "60/minute"
+    query_rate_limit: LimitsText = "600/minute"
+    # Tokens per key (unset: none), for keys KEY_POLICIES_FILE gives no limits of their own.
+    token_rate_limit: LimitsText | None = None
+    token_budget: LimitsText | None = None
+    key_policies_file: Path | None = None
+    # Sent upstream, and reserved, for a request under token limits that sets no max_tokens.
+    default_max_tokens: int = Field(1024, ge=1, le=1_000_000)
     redis_url: SecretStr | None = None
     rate_limit_on_store_error: Literal["local", "allow", "deny"] = "local"
     database_url: SecretStr = SecretStr("sqlite:///./reasoning_agent.db")
@@ -70,17 +102,6 @@ class Settings(BaseSettings):
     worker_heartbeat_file: Path = Path(tempfile.gettempdir()) / "reasoning-agent-worker.alive"
     metrics_port: int | None = Field(None, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("rate_limit", "query_rate_limit")
-    @classmethod
-    def _limits_syntax(cls, value: str) -> str:
-        try:
-            parsed = limits.parse_many(value)
-        except ValueError:
-            parsed = []
-        if not parsed:
-            raise ValueError("expected limits syntax such as 60/minute or 60/minute;1000/day")
-        return value
 
     @field_validator("reasoning_models")
     @classmethod
@@ -148,11 +169,19 @@ class Settings(BaseSettings):
 
     @cached_property
     def rate_limits(self) -> list[limits.RateLimitItem]:
-        return limits.parse_many(self.rate_limit)
+        return parse_limits(self.rate_limit)
 
     @cached_property
     def query_rate_limits(self) -> list[limits.RateLimitItem]:
-        return limits.parse_many(self.query_rate_limit)
+        return parse_limits(self.query_rate_limit)
+
+    @cached_property
+    def token_rate_limits(self) -> list[limits.RateLimitItem]:
+        return parse_limits(self.token_rate_limit) if self.token_rate_limit else []
+
+    @cached_property
+    def token_budgets(self) -> list[limits.RateLimitItem]:
+        return parse_limits(self.token_budget) if self.token_budget else []
 
 
 def load_settings() -> Settings:

@@ -28,12 +28,15 @@ __all__ = [
     "Forbidden",
     "GatewayTimeout",
     "InvalidRequest",
+    "ModelNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
     "ServiceError",
     "ServiceUnavailable",
     "StoreFailed",
+    "TokenBudgetExceeded",
+    "TokenRateExceeded",
     "Unauthorized",
     "UpstreamUnreachable",
     "UriTooLong",
@@ -93,6 +96,12 @@ class Forbidden(ServiceError):
     status, type = 403, "forbidden"
 
 
+class ModelNotAllowed(Forbidden):
+    """The key's policy does not list the model it asked for."""
+
+    type = "model_not_allowed"
+
+
 class NotFound(ServiceError):
     status, type = 404, "not_found"
 
@@ -111,6 +120,18 @@ class InvalidRequest(ServiceError):
 
 class RateLimited(ServiceError):
     status, type = 429, "rate_limited"
+
+
+class TokenRateExceeded(RateLimited):
+    """A token rate window (TOKEN_RATE_LIMIT) lacks room for the request's reservation."""
+
+    type = "token_rate_exceeded"
+
+
+class TokenBudgetExceeded(RateLimited):
+    """A token budget window (TOKEN_BUDGET) lacks room for the request's reservation."""
+
+    type = "token_budget_exceeded"
 
 
 class BadGateway(ServiceError):
@@ -196,13 +217,13 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _REASONS = {
     400: "Malformed request (not UTF-8, too many query parameters)",
     401: "Missing or unknown X-API-Key",
-    403: "The key may not use this endpoint",
+    403: "The key may not use this endpoint or model",
     404: "No such task for this key",
     409: "The same Idempotency-Key is still in progress",
     413: "Body or prompt too large",
     414: "Query string too long",
     422: "Invalid input",
-    429: "Rate limit exceeded (see Retry-After)",
+    429: "Request or token limit exceeded (see Retry-After)",
     502: "The LLM upstream failed, or its answer could not be stored",
     503: "Database, rate-limit store or LLM provider unavailable",
     504: "The LLM deadline passed",

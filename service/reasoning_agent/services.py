@@ -13,6 +13,8 @@ from reasoning_agent.keys import KeyRing
 from reasoning_agent.llm.agent import ReasoningAgent
 from reasoning_agent.llm.registry import load_provider, provider_names
 from reasoning_agent.observability import telemetry
+from reasoning_agent.policies import Policies
+from reasoning_agent.quota import Quota
 from reasoning_agent.ratelimit import RateLimiter
 from reasoning_agent.runners.arq import ArqRunner
 from reasoning_agent.runners.base import Runner
@@ -32,6 +34,7 @@ class Services:
     settings: Settings
     database: Database
     limiter: RateLimiter
+    quota: Quota
     agent: ReasoningAgent
     runner: Runner
     tasks: TaskService
@@ -39,8 +42,9 @@ class Services:
 
 def check_settings(settings: Settings) -> None:
     """Fail at start on what the environment alone cannot tell: key files, provider names,
-    the tracing exporter, clashing ports."""
+    the tracing exporter, clashing ports, the key policies file."""
     keyring = KeyRing.from_settings(settings)
+    Policies(settings)
     unknown = settings.admin_names - set(keyring.names)
     if unknown:
         raise ConfigError(f"ADMIN_KEYS: no API key is named {', '.join(sorted(unknown))}")
@@ -66,6 +70,11 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         on_store_error=settings.rate_limit_on_store_error,
         local_share=settings.workers,
     )
+    quota = Quota(
+        limiter=limiter,
+        policies=Policies(settings),
+        default_max_tokens=settings.default_max_tokens,
+    )
     provider = load_provider(settings)
     agent = ReasoningAgent(
         provider, timeout_s=settings.llm_timeout_s, reasoning_models=settings.reasoning_models
@@ -89,6 +98,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         events=events,
         agent=agent,
         runner=runner,
+        quota=quota,
         store_text=settings.store_prompts,
         max_prompt_chars=settings.max_prompt_chars,
     )
@@ -99,6 +109,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             settings=settings,
             database=database,
             limiter=limiter,
+            quota=quota,
             agent=agent,
             runner=runner,
             tasks=tasks,

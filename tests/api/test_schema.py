@@ -49,4 +49,4 @@ def test_every_operation_answers_as_documented(shared_service: Service, tmp_path
     )
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary
-    assert "API Operations:" in result.stdout and "Selected: 9/9" in result.stdout, summary
+    assert "API Operations:" in result.stdout and "Selected: 10/10" in result.stdout, summary

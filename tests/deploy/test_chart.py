@@ -222,6 +222,65 @@ def test_the_checksum_annotation_rolls_the_pods_when_a_key_changes() -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", before["checksum/secret"])
 
 
+def test_key_policies_are_a_configmap_the_server_re_reads_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(
+        "config:\n"
+        "  tokenBudget: 2000000/day\n"
+        "keyPolicies:\n"
+        "  team-a:\n"
+        "    token_budget: 10000000/day;200000000/month\n"
+        "    models: [gpt-4o-mini, o4-mini]\n"
+    )
+    docs = render(DEFAULT, policies)
+    config = find(docs, "ConfigMap", "ra-reasoning-agent")["data"]
+    assert config["TOKEN_BUDGET"] == "2000000/day" and "TOKEN_RATE_LIMIT" not in config
+    assert config["DEFAULT_MAX_TOKENS"] == "1024"
+    file = find(docs, "ConfigMap", "ra-reasoning-agent-key-policies")["data"]["key-policies.yaml"]
+    assert yaml.safe_load(file) == {
+        "keys": {
+            "team-a": {
+                "token_budget": "10000000/day;200000000/month",
+                "models": ["gpt-4o-mini", "o4-mini"],
+            }
+        }
+    }
+    server = app_deployment(docs)["spec"]["template"]["spec"]
+    (container,) = server["containers"]
+    policies_file = env_of(container)["KEY_POLICIES_FILE"]["value"]
+    assert policies_file == "/etc/reasoning-agent/policies/key-policies.yaml"
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "key-policies"]
+    assert mount == {  # a directory, no subPath: the kubelet's updates reach it
+        "name": "key-policies",
+        "mountPath": "/etc/reasoning-agent/policies",
+        "readOnly": True,
+    }
+    assert {"name": "key-policies", "configMap": {"name": "ra-reasoning-agent-key-policies"}} in (
+        server["volumes"]
+    )
+    # Only the server reads it; a change to it alone rolls no pod.
+    worker = render(EXTERNAL, policies)
+    assert "KEY_POLICIES_FILE" not in env_of(
+        find(worker, "Deployment", "ra-reasoning-agent-worker")["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+    )
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(policies.read_text().replace("10000000/day", "20000000/day"))
+    annotations = [
+        app_deployment(render(DEFAULT, values))["spec"]["template"]["metadata"]["annotations"]
+        for values in (policies, changed)
+    ]
+    assert annotations[0] == annotations[1]
+    assert "KEY_POLICIES_FILE" not in env_of(
+        app_deployment(render(DEFAULT))["spec"]["template"]["spec"]["containers"][0]
+    )
+    refused = render_error(DEFAULT, sets={"keyPolicies.team-a.token_budget": "bad"})
+    assert "/keyPolicies/team-a/token_budget" in refused
+
+
 @pytest.mark.parametrize("values", ci_values(), ids=lambda p: p.name)
 def test_every_pod_runs_hardened(values: Path) -> None:
     docs = render(values, sets={"autoscaling.enabled": "false"})

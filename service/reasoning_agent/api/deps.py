@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 
-from reasoning_agent.errors import RateLimited, ServiceUnavailable, Unauthorized
+from reasoning_agent.errors import Unauthorized
 from reasoning_agent.keys import ApiKey
-from reasoning_agent.observability import metrics
-from reasoning_agent.observability.telemetry import span
-from reasoning_agent.ratelimit import Decision, StoreUnavailable
+from reasoning_agent.ratelimit import Decision
 from reasoning_agent.services import Services
 from reasoning_agent.tasks.service import TaskService
 
@@ -18,7 +16,6 @@ __all__ = [
     "ApiKeyDep",
     "QueryLimitDep",
     "ServicesDep",
-    "TaskLimitDep",
     "TaskServiceDep",
     "document_api_key",
 ]
@@ -56,39 +53,11 @@ async def _caller(request: Request) -> ApiKey:
 ApiKeyDep = Annotated[ApiKey, Depends(_caller)]
 
 
-# The limits, too, take what they need from the request rather than from other dependencies.
-async def _task_limit(request: Request, response: Response) -> Decision:
-    return await _limit("task", request, response)
-
-
+# The query limit, too, takes what it needs from the request rather than from other
+# dependencies. (A task's request limit is checked with its tokens, by the task service.)
 async def _query_limit(request: Request, response: Response) -> Decision:
-    return await _limit("query", request, response)
-
-
-async def _limit(scope: Literal["task", "query"], request: Request, response: Response) -> Decision:
     services: Services = request.app.state.services
-    caller = _authenticated(request)
-    settings = services.settings
-    items = settings.rate_limits if scope == "task" else settings.query_rate_limits
-    with span("rate_limit") as current:
-        try:
-            decision = await services.limiter.hit(scope, caller.name, items)
-        except StoreUnavailable:
-            raise ServiceUnavailable(
-                "rate limits cannot be checked now (RATE_LIMIT_ON_STORE_ERROR=deny)"
-            ) from None
-        if current.is_recording():
-            current.set_attribute("reasoning_agent.rate_limit.scope", scope)
-            current.set_attribute("reasoning_agent.rate_limit.allowed", decision.allowed)
-            current.set_attribute("reasoning_agent.rate_limit.remaining", decision.remaining)
-            current.set_attribute("reasoning_agent.key", caller.name)
-    if not decision.allowed:
-        metrics.RATE_LIMITED.labels(caller.name, scope).inc()
-        raise RateLimited(
-            f"rate limit of {decision.limit} exceeded for key {caller.name!r}; "
-            f"retry in {decision.retry_after}s",
-            headers={"Retry-After": str(decision.retry_after), **decision.headers},
-        )
+    decision = await services.quota.check_queries(_authenticated(request).name)
     response.headers.update(decision.headers)
     return decision
 
@@ -112,5 +81,4 @@ def document_api_key(app: FastAPI, *, public: frozenset[str]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-TaskLimitDep = Annotated[Decision, Depends(_task_limit)]
 QueryLimitDep = Annotated[Decision, Depends(_query_limit)]

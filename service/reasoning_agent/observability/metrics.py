@@ -34,6 +34,10 @@ __all__ = [
     "STREAM_DISCONNECTS",
     "TASKS",
     "TOKENS",
+    "TOKENS_OVERSHOOT",
+    "TOKENS_RESERVED",
+    "TOKENS_SETTLED",
+    "TOKEN_LIMITED",
     "RequestTiming",
     "end_request_timing",
     "initialise",
@@ -95,6 +99,22 @@ TOKENS = Counter(
     f"{_PREFIX}_llm_tokens",
     "Tokens used, per API key name (`reasoning` is a part of `output`).",
     ["key", "direction"],
+)
+TOKENS_RESERVED = Counter(
+    f"{_PREFIX}_tokens_reserved", "Tokens reserved against token limits before calls.", ["key"]
+)
+TOKENS_SETTLED = Counter(
+    f"{_PREFIX}_tokens_settled",
+    "Tokens charged to token limits when calls ended: the upstream's reported usage.",
+    ["key"],
+)
+TOKENS_OVERSHOOT = Counter(
+    f"{_PREFIX}_tokens_overshoot", "Tokens calls used past what they had reserved.", ["key"]
+)
+TOKEN_LIMITED = Counter(
+    f"{_PREFIX}_token_limited",
+    "Requests refused with 429 by a token limit, by the kind of window that refused.",
+    ["key", "kind"],
 )
 OVERHEAD_SECONDS = Histogram(
     f"{_PREFIX}_overhead_seconds",

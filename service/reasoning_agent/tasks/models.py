@@ -99,6 +99,8 @@ class Task(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     reasoning_tokens: Mapped[int | None] = mapped_column(Integer)  # part of completion_tokens
+    # What its key's token limits held for it before the call (None: no token limits).
+    reserved_tokens: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     error_type: Mapped[ErrorType | None] = mapped_column(_Enum(ErrorType, 64))

@@ -23,6 +23,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    func,
     insert,
     or_,
     select,
@@ -40,6 +41,7 @@ from reasoning_agent.tasks.status import ErrorType, TaskStatus
 
 __all__ = [
     "InvalidCursor",
+    "ModelTokens",
     "OutcomeNotStored",
     "Page",
     "Swept",
@@ -66,6 +68,21 @@ class OutcomeNotStored(Exception):
 class Page:
     items: list[Task]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTokens:
+    """What one model's tasks of one key used."""
+
+    model: str
+    tasks: int
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int  # part of completion_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +170,11 @@ class TaskRepository:
         trace_id: str | None,
         store_text: bool,
         status: TaskStatus,
+        task_id: str | None = None,
+        reserved_tokens: int | None = None,
     ) -> tuple[Task, bool]:
-        """Store a new task and commit; with a known Idempotency-Key, the earlier task
-        instead. True when the task is new."""
+        """Store a new task (under `task_id` when given) and commit; with a known
+        Idempotency-Key, the earlier task instead. True when the task is new."""
         if idempotency_key is not None:
             earlier = await self._by_idempotency_key(owner, idempotency_key)
             if earlier is not None:
@@ -164,7 +183,7 @@ class TaskRepository:
         # A request holds its pending task; a queued one is the runner's, checked on later.
         pending = status is TaskStatus.PENDING
         values: dict[str, Any] = {
-            "id": uuid.uuid4().hex,
+            "id": task_id or uuid.uuid4().hex,
             "owner": owner,
             "idempotency_key": idempotency_key,
             "request_hash": digest,
@@ -180,6 +199,7 @@ class TaskRepository:
             "dropped_params": dropped_params or None,
             "streamed": streamed,
             "metadata": metadata,
+            "reserved_tokens": reserved_tokens,
             "attempts": 0,
             "trace_id": trace_id,
             "created_at": now,
@@ -447,20 +467,26 @@ class TaskRepository:
             .values(lease_until=datetime.now(UTC) + timedelta(seconds=QUEUE_CHECK_S))
         )
 
-    async def give_up(self, task_ids: list[str]) -> int:
-        """Fail queued tasks that have used up their tries; how many."""
+    async def give_up(self, task_ids: list[str]) -> list[tuple[str, str, int | None]]:
+        """Fail queued tasks that have used up their tries; the id, owner and reserved
+        tokens of each."""
         if not task_ids:
-            return 0
-        return await self._commit_rows(
-            update(Task)
-            .where(Task.id.in_(task_ids), Task.status == TaskStatus.QUEUED)
-            .values(
-                status=TaskStatus.FAILED,
-                error_type=ErrorType.INTERRUPTED,
-                error=GAVE_UP,
-                completed_at=datetime.now(UTC),
+            return []
+        async with self._database.sessions() as session:
+            failed = await session.execute(
+                update(Task)
+                .where(Task.id.in_(task_ids), Task.status == TaskStatus.QUEUED)
+                .values(
+                    status=TaskStatus.FAILED,
+                    error_type=ErrorType.INTERRUPTED,
+                    error=GAVE_UP,
+                    completed_at=datetime.now(UTC),
+                )
+                .returning(Task.id, Task.owner, Task.reserved_tokens)
             )
-        )
+            rows = [(task_id, owner, reserved) for task_id, owner, reserved in failed]
+            await session.commit()
+        return rows
 
     async def delete_older_than(self, cutoff: datetime, *, batch: int) -> int:
         """Delete up to `batch` tasks created before `cutoff`; how many went."""
@@ -472,6 +498,27 @@ class TaskRepository:
         async with self._database.sessions() as session:
             task = await session.get(Task, task_id)
         return task if task is not None and task.owner == owner else None
+
+    async def tokens_by_model(self, owner: str, *, since: datetime) -> list[ModelTokens]:
+        """The tokens `owner`'s tasks created since `since` used, by model."""
+        stmt = (
+            select(
+                Task.model,
+                func.count(),
+                func.coalesce(func.sum(Task.prompt_tokens), 0),
+                func.coalesce(func.sum(Task.completion_tokens), 0),
+                func.coalesce(func.sum(Task.reasoning_tokens), 0),
+            )
+            .where(Task.owner == owner, Task.created_at >= since)
+            .group_by(Task.model)
+            .order_by(Task.model)
+        )
+        async with self._database.sessions() as session:
+            rows = (await session.execute(stmt)).all()
+        return [
+            ModelTokens(model, int(tasks), prompt or 0, completion or 0, reasoning or 0)
+            for model, tasks, prompt, completion, reasoning in rows
+        ]
 
     async def unfinished_ids(self, *, statuses: tuple[TaskStatus, ...]) -> list[str]:
         stmt = select(Task.id).where(Task.status.in_(statuses)).order_by(Task.created_at)

@@ -116,6 +116,9 @@ class TaskOut(BaseModel):
     )
     metadata: dict[str, str] = Field(validation_alias="metadata_")
     usage: Usage | None
+    reserved_tokens: int | None = Field(
+        description="tokens its key's token limits reserved for it before the call"
+    )
     attempts: int
     latency_ms: float | None
     created_at: datetime

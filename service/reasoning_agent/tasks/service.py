@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -29,12 +29,14 @@ from reasoning_agent.errors import (
 from reasoning_agent.llm.agent import ReasoningAgent
 from reasoning_agent.llm.base import Delta, LLMError, LLMResult, OnDelta
 from reasoning_agent.observability import metrics
+from reasoning_agent.quota import Admitted, Quota
 from reasoning_agent.runners.base import Runner
 from reasoning_agent.tasks.events import EventLog, Kind, TaskEvent
 from reasoning_agent.tasks.leases import MAX_TRIES, Leases
 from reasoning_agent.tasks.models import Task
 from reasoning_agent.tasks.repository import (
     InvalidCursor,
+    ModelTokens,
     OutcomeNotStored,
     Page,
     Swept,
@@ -62,6 +64,7 @@ class Verdict(StrEnum):
 class Submitted:
     task: Task
     verdict: Verdict
+    headers: dict[str, str] = field(default_factory=dict)  # what the limits report
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +90,13 @@ class TaskService:
         repository: TaskRepository,
         agent: ReasoningAgent,
         runner: Runner,
+        quota: Quota,
         store_text: bool,
         max_prompt_chars: int,
         events: EventLog | None = None,
     ) -> None:
         self.repository = repository
+        self.quota = quota
         self.events = events or EventLog()
         self._producers: dict[str, asyncio.Task[None]] = {}  # streamed tasks answering here
         # A stream cancelled through another process stops here at the next lease renewal.
@@ -113,25 +118,38 @@ class TaskService:
         """Store the task, then answer the prompt now or leave it to the background; a
         repeated Idempotency-Key gets the first request's task. Raises a ServiceError when
         there is no answer. The row is written before the LLM is called, on every path: a
-        call that is paid for always has a task to be recorded on."""
+        call that is paid for always has a task to be recorded on; and it is written only
+        once the key's limits let it through (and its tokens are reserved)."""
         self._check(body, background=background)
+        admitted = await self._admit(body, owner=owner)
         task, created, digest = await self._create(
             body,
+            admitted,
             owner=owner,
             status=TaskStatus.QUEUED if background else TaskStatus.PENDING,
             idempotency_key=idempotency_key,
             trace_id=trace_id,
         )
         if not created:
-            return self._replay(task, digest, background=background)
+            return self._replay(task, digest, background=background, headers=admitted.headers)
         if background:
             await self._enqueue(task)
-            return Submitted(task, Verdict.ACCEPTED)
-        return await self._answer_now(task, body)
+            return Submitted(task, Verdict.ACCEPTED, admitted.headers)
+        return await self._answer_now(task, body, headers=admitted.headers)
+
+    async def _admit(self, body: TaskIn, *, owner: str) -> Admitted:
+        return await self.quota.admit(
+            owner,
+            model=body.model or self.agent.default_model,
+            prompt=body.prompt,
+            system=body.system,
+            max_tokens=body.max_tokens,
+        )
 
     async def _create(
         self,
         body: TaskIn,
+        admitted: Admitted,
         *,
         owner: str,
         status: TaskStatus,
@@ -139,26 +157,39 @@ class TaskService:
         trace_id: str | None,
         streamed: bool = False,
     ) -> tuple[Task, bool, str]:
-        """The stored task, whether it is new, and the digest of the request."""
+        """The stored task, whether it is new, and the digest of the request. The tokens
+        reserved for a task that was not stored (an error, an earlier task with the same
+        Idempotency-Key) are given back."""
         model = body.model or self.agent.default_model
         digest = request_hash(body, model)
-        task, created = await self.repository.create(
-            owner=owner,
-            prompt=body.prompt,
-            system=body.system,
-            model=model,
-            temperature=body.temperature,
-            max_tokens=body.max_tokens,
-            reasoning_effort=body.reasoning_effort,
-            dropped_params=self.agent.dropped_params(model, temperature=body.temperature),
-            streamed=streamed,
-            metadata=dict(body.metadata),
-            digest=digest,
-            idempotency_key=idempotency_key,
-            trace_id=trace_id,
-            store_text=self._store_text,
-            status=status,
-        )
+        created = False
+        try:
+            task, created = await self.repository.create(
+                owner=owner,
+                prompt=body.prompt,
+                system=body.system,
+                model=model,
+                temperature=body.temperature,
+                max_tokens=admitted.max_tokens,
+                reasoning_effort=body.reasoning_effort,
+                dropped_params=self.agent.dropped_params(model, temperature=body.temperature),
+                streamed=streamed,
+                metadata=dict(body.metadata),
+                digest=digest,
+                idempotency_key=idempotency_key,
+                trace_id=trace_id,
+                store_text=self._store_text,
+                status=status,
+                task_id=admitted.task_id,
+                reserved_tokens=admitted.reserved_tokens,
+            )
+        finally:
+            if not created:
+                await asyncio.shield(
+                    self.quota.settle(
+                        owner, admitted.task_id, admitted.reserved_tokens, result=None
+                    )
+                )
         return task, created, digest
 
     async def stream(
@@ -168,13 +199,15 @@ class TaskService:
         owner: str,
         idempotency_key: str | None = None,
         trace_id: str | None = None,
-    ) -> tuple[Task, AsyncIterator[TaskEvent]]:
+    ) -> tuple[Submitted, AsyncIterator[TaskEvent]]:
         """Store the task and answer it in an asyncio task of its own, which outlives the
         request; the task and its events (`task`, `delta`s, then `done` or `error`). A
         repeated Idempotency-Key follows the first request's task instead."""
         self._check(body, background=False)
+        admitted = await self._admit(body, owner=owner)
         task, created, digest = await self._create(
             body,
+            admitted,
             owner=owner,
             status=TaskStatus.PENDING,
             idempotency_key=idempotency_key,
@@ -184,12 +217,12 @@ class TaskService:
         if not created:
             if task.request_hash != digest:
                 raise InvalidRequest("Idempotency-Key was already used with a different request")
-            return task, self._events_after(task, 0)
+            return Submitted(task, Verdict.REPLAYED, admitted.headers), self._events_after(task, 0)
         await self.events.publish(task.id, "task", _shown(task))
         producer = asyncio.create_task(self._produce(task, body), name=f"stream {task.id}")
         self._producers[task.id] = producer
         producer.add_done_callback(lambda _: self._producers.pop(task.id, None))
-        return task, self.events.follow(task.id)
+        return Submitted(task, Verdict.ACCEPTED, admitted.headers), self.events.follow(task.id)
 
     async def _produce(self, task: Task, body: TaskIn) -> None:
         """Answer a streamed task, publishing each piece, then record and publish the end."""
@@ -254,9 +287,11 @@ class TaskService:
         return on_delta
 
     async def _cancelled(self, task: Task, started: float) -> None:
-        """A streamed task stopped by its caller: marked cancelled, and its followers told."""
+        """A streamed task stopped by its caller: marked cancelled, its reservation given
+        back, and its followers told."""
         try:
             await self.repository.cancel(task.owner, task.id, statuses=(TaskStatus.PENDING,))
+            await self._release(task)
             task = await self.repository.get(task.owner, task.id) or task
         finally:
             await self.events.publish(task.id, "done", _shown(task))
@@ -333,9 +368,14 @@ class TaskService:
                 latency_ms=0,
                 expect=TaskStatus.QUEUED,
             )
+            await self._release(task)
             raise ServiceUnavailable("the task queue is unavailable") from exc
 
-    async def _answer_now(self, task: Task, body: TaskIn) -> Submitted:
+    async def _release(self, task: Task) -> None:
+        """Give back what a task that made no call (or whose call was stopped) reserved."""
+        await self.quota.settle(task.owner, task.id, task.reserved_tokens, result=None)
+
+    async def _answer_now(self, task: Task, body: TaskIn, *, headers: dict[str, str]) -> Submitted:
         started = time.monotonic()
         try:
             with self.leases.holding(task.id):
@@ -344,22 +384,27 @@ class TaskService:
                 metrics.note_llm_seconds(outcome.seconds)  # for the request's overhead histogram
                 await self._record(task, outcome)
         except asyncio.CancelledError:
-            await asyncio.shield(
-                self.repository.fail(
-                    task,
-                    error_type=ErrorType.INTERRUPTED,
-                    message="the request was cancelled before the answer came",
-                    attempts=0,
-                    latency_ms=round((time.monotonic() - started) * 1000, 2),
-                )
-            )
+            await asyncio.shield(self._interrupted(task, started))
             raise
         if outcome.error is not None:
             error = for_llm_error(outcome.error)
-            raise error(str(outcome.error), extra={"task_id": task.id}) from None
+            raise error(str(outcome.error), extra={"task_id": task.id}, headers=headers) from None
         assert outcome.result is not None
         self._show_unstored(task, body, outcome.result)
-        return Submitted(task, Verdict.COMPLETED)
+        return Submitted(task, Verdict.COMPLETED, headers)
+
+    async def _interrupted(self, task: Task, started: float) -> None:
+        """A request that went before its answer came: its task failed, its tokens back."""
+        try:
+            await self.repository.fail(
+                task,
+                error_type=ErrorType.INTERRUPTED,
+                message="the request was cancelled before the answer came",
+                attempts=0,
+                latency_ms=round((time.monotonic() - started) * 1000, 2),
+            )
+        finally:
+            await self._release(task)
 
     def _show_unstored(self, task: Task, body: TaskIn, result: LLMResult) -> None:
         """With STORE_PROMPTS=false the caller still gets its texts, as the database would
@@ -373,18 +418,20 @@ class TaskService:
             reasoning=storable(result.reasoning) if result.reasoning is not None else None,
         )
 
-    def _replay(self, task: Task, digest: str, *, background: bool) -> Submitted:
+    def _replay(
+        self, task: Task, digest: str, *, background: bool, headers: dict[str, str]
+    ) -> Submitted:
         """Answer a repeated Idempotency-Key as the first request was answered."""
         if task.request_hash != digest:
             raise InvalidRequest("Idempotency-Key was already used with a different request")
         if background:
-            return Submitted(task, Verdict.ACCEPTED)
+            return Submitted(task, Verdict.ACCEPTED, headers)
         if task.status == TaskStatus.PENDING:
             raise Conflict("a request with this Idempotency-Key is still in progress")
         if task.status == TaskStatus.FAILED:
             error = for_error_type(task.error_type)
             raise error(task.error or "the task failed", extra={"task_id": task.id})
-        return Submitted(task, Verdict.REPLAYED)
+        return Submitted(task, Verdict.REPLAYED, headers)
 
     async def run(self, task_id: str) -> None:
         """Claim one background task and answer it; one cancelled meanwhile stays cancelled."""
@@ -427,7 +474,11 @@ class TaskService:
             await self.runner.submit(task_id)
         await self.repository.check_later([task_id for task_id, _ in due if task_id not in spent])
         failed = await self.repository.give_up(spent)
-        return Swept(failed=swept.failed + failed, requeued=swept.requeued, resubmitted=len(again))
+        for task_id, owner, reserved in failed:
+            await self.quota.settle(owner, task_id, reserved, result=None)
+        return Swept(
+            failed=swept.failed + len(failed), requeued=swept.requeued, resubmitted=len(again)
+        )
 
     async def get(self, owner: str, task_id: str) -> Task:
         task = await self.repository.get(owner, task_id)
@@ -450,11 +501,16 @@ class TaskService:
                 f"the task is {task.status}: only queued, running or streamed tasks can be "
                 "cancelled"
             )
+        await self._release(await self.get(owner, task_id))
         try:
             await self.runner.cancel(task_id)
         except Exception as exc:  # the row says cancelled: a job that runs later stops there
             log.warning("could not stop the job of a cancelled task: %s", exc.__class__.__name__)
         return await self.get(owner, task_id)
+
+    async def tokens_by_model(self, owner: str, *, since: datetime) -> list[ModelTokens]:
+        """What `owner`'s tasks since `since` used, model by model, as the upstream reported."""
+        return await self.repository.tokens_by_model(owner, since=since)
 
     async def query(
         self,
@@ -513,6 +569,16 @@ class TaskService:
         """Store the outcome on the task and count it (a failure with the `partial` answer a
         stream passed on). With `expect`, a task no longer in that status (cancelled
         meanwhile) is left as it is."""
+        try:
+            await self._store_outcome(task, outcome, expect=expect, partial=partial)
+        finally:  # the call was made: its reservation settles whether or not the row took it
+            await asyncio.shield(
+                self.quota.settle(task.owner, task.id, task.reserved_tokens, result=outcome.result)
+            )
+
+    async def _store_outcome(
+        self, task: Task, outcome: _Outcome, *, expect: TaskStatus | None, partial: str | None
+    ) -> None:
         provider = self.agent.provider.name
         model, seconds = metrics.model_label(task.model), outcome.seconds
         latency_ms = round(seconds * 1000, 2)

@@ -8,13 +8,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from reasoning_agent.api.deps import (
-    ApiKeyDep,
-    QueryLimitDep,
-    ServicesDep,
-    TaskLimitDep,
-    TaskServiceDep,
-)
+from reasoning_agent.api.deps import ApiKeyDep, QueryLimitDep, ServicesDep, TaskServiceDep
 from reasoning_agent.api.streams import event_stream, last_event_id
 from reasoning_agent.errors import error_responses
 from reasoning_agent.observability.telemetry import current_trace_id
@@ -45,14 +39,14 @@ IdempotencyKey = Annotated[
             "its events as they happen",
         },
         202: {"model": TaskOut, "description": "Queued (`mode: async` or `Prefer: respond-async`)"},
-        **error_responses(409, 413, 429, 502, 504),
+        **error_responses(403, 409, 413, 429, 502, 504),
     },
 )
 async def submit_task(
     request: Request,
+    response: Response,
     body: TaskIn,
     caller: ApiKeyDep,
-    _: TaskLimitDep,
     services: ServicesDep,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskOut | Response:
@@ -61,7 +55,7 @@ async def submit_task(
     background = body.mode == "async" or prefer_async
     wants_events = "text/event-stream" in request.headers.get("accept", "")
     if not background and (body.stream or wants_events):
-        task, events = await tasks.stream(
+        streamed, events = await tasks.stream(
             body,
             owner=caller.name,
             idempotency_key=idempotency_key,
@@ -69,13 +63,15 @@ async def submit_task(
         )
 
         def on_disconnect() -> str:
-            if settings.stream_on_disconnect == "cancel" and tasks.stop_stream(task.id):
+            if settings.stream_on_disconnect == "cancel" and tasks.stop_stream(streamed.task.id):
                 return "cancelled"
             return "continued"
 
-        return event_stream(
+        answer = event_stream(
             events, heartbeat_s=settings.stream_heartbeat_s, on_disconnect=on_disconnect
         )
+        answer.headers.update(streamed.headers)
+        return answer
     submitted = await tasks.submit(
         body,
         owner=caller.name,
@@ -84,10 +80,11 @@ async def submit_task(
         trace_id=current_trace_id(request.headers),
     )
     if submitted.verdict == Verdict.ACCEPTED:
-        headers = {"Location": f"/task/{submitted.task.id}"}
+        headers = {"Location": f"/task/{submitted.task.id}", **submitted.headers}
         if prefer_async:
             headers["Preference-Applied"] = "respond-async"
         return JSONResponse(TaskOut.of(submitted.task).model_dump(mode="json"), 202, headers)
+    response.headers.update(submitted.headers)
     return TaskOut.of(submitted.task)
 
 
