@@ -1,8 +1,9 @@
 """Render the Grafana dashboard's panels to a PNG from a real local run (no Grafana needed).
 
 Starts the fake upstream and `reasoning-agent serve` (2 workers, Redis limits), drives about a
-minute of mixed traffic (two keys, a burst past one key's limit, upstream failures and retries,
-slow answers), scrapes /metrics every two seconds, and draws each panel of
+minute of mixed traffic (two keys, a burst past one key's request and token limits, upstream
+failures and retries, slow answers, an answer that costs more than it reserved), scrapes
+/metrics every two seconds, and draws each panel of
 charts/reasoning-agent/dashboards/reasoning-agent.json from those scrapes: counters as rates,
 histograms as quantiles, as the panel's PromQL would in Grafana.
 
@@ -69,6 +70,8 @@ def drive(service: Service, upstream: FakeOpenAI, stop: threading.Event) -> None
                     )
                 if 44 < phase < 46:
                     upstream.script(Step(status=400))
+                if 50 < phase < 51:  # an upstream that reports more than was reserved
+                    upstream.script(Step(body=_costly_answer()))
                 bob = 25 if 8 < phase < 20 else 1  # Bob bursts past his limit; Alice keeps going
                 keys = [ALICE] + [BOB] * bob
                 await asyncio.gather(*(send(key, i + n) for n, key in enumerate(keys)))
@@ -79,6 +82,23 @@ def drive(service: Service, upstream: FakeOpenAI, stop: threading.Event) -> None
                 await asyncio.sleep(0.25)
 
     asyncio.run(main())
+
+
+def _costly_answer() -> dict:
+    return {
+        "id": "chatcmpl-costly",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "fake-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "long"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1500, "completion_tokens": 1500, "total_tokens": 3000},
+    }
 
 
 def series_rate(
@@ -184,6 +204,12 @@ def panels_data(scrapes: list[Scrape]) -> dict[int, dict[str, list[float]]]:
             "database": series_rate(scrapes, f"{P}database_errors_total", ()).get("all", []),
             "401": series_rate(scrapes, f"{P}auth_failures_total", ()).get("all", []),
         },
+        15: {
+            f"{key} {what}": values
+            for what in ("reserved", "settled", "overshoot")
+            for key, values in series_rate(scrapes, f"{P}tokens_{what}_total", ("key",)).items()
+        },
+        16: series_rate(scrapes, f"{P}token_limited_total", ("key", "kind")),
     }
 
 
@@ -276,6 +302,8 @@ def main(seconds: float = 60) -> None:
             "WORKERS": "2",
             "REDIS_URL": redis_url(db=14),
             "RATE_LIMIT": "300/minute",
+            "TOKEN_RATE_LIMIT": "4000/minute",  # a burst of 25 reserves far more: refused
+            "TOKEN_BUDGET": "1000000/day",
             "METRICS_PORT": str(metrics_port),
         },
         log_path=tmp / "service.log",

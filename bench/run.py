@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -366,24 +367,47 @@ def seed_tasks(db_path: Path, total: int, mine: int) -> None:
 
 
 async def limiter_decisions(n: int = 5000) -> dict[str, float]:
+    """One check against the local Redis, sequentially: request limits alone, then with a
+    token rate and two budgets reserved in the same script, and that reservation's settling."""
     from limits import parse_many
 
-    from reasoning_agent.ratelimit import RateLimiter
+    from reasoning_agent.ratelimit import RateLimiter, TokenAsk
+    from reasoning_agent.windows import token_windows
 
     limiter = RateLimiter(redis_url=redis_url(db=11))
     items = parse_many("100000000/minute")
-    times = []
+    windows = token_windows(
+        parse_many("10000000000/minute"), parse_many("10000000000/day;10000000000/month")
+    )
+    times: dict[str, list[float]] = {"requests": [], "tokens": [], "settle": []}
+
+    async def timed(kind: str, call: Awaitable[object]) -> None:
+        started = time.perf_counter()
+        await call
+        times[kind].append((time.perf_counter() - started) * 1000)
+
     try:
-        for _ in range(200):
+        for i in range(200):
             await limiter.hit("task", "warmup", items)
+            await limiter.admit(
+                "task", "warmup", items, TokenAsk(id=f"w{i}", tokens=1, windows=windows)
+            )
+            await limiter.settle("warmup", f"w{i}", charge=1)
         for _ in range(n):
-            started = time.perf_counter()
-            await limiter.hit("task", "bench", items)
-            times.append((time.perf_counter() - started) * 1000)
+            await timed("requests", limiter.hit("task", "bench", items))
+        for i in range(n):
+            ask = TokenAsk(id=f"t{i}", tokens=1100, windows=windows)
+            await timed("tokens", limiter.admit("task", "tokens", items, ask))
+            await timed("settle", limiter.settle("tokens", f"t{i}", charge=300))
     finally:
         await limiter.aclose()
-    times.sort()
-    return {"p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99)]}
+    out = {}
+    for kind, values in times.items():
+        values.sort()
+        prefix = "" if kind == "requests" else f"{kind}_"
+        out[f"{prefix}p50"] = values[len(values) // 2]
+        out[f"{prefix}p99"] = values[int(len(values) * 0.99)]
+    return out
 
 
 def median_of(rounds: list[dict[str, float]], key: str) -> float:
@@ -648,6 +672,12 @@ def table(results: dict) -> str:
             f"rate-limit decision against the local Redis: "
             f"p50 {rl['p50']:.3f} ms, p99 {rl['p99']:.3f} ms"
         )
+        if "tokens_p50" in rl:
+            lines.append(
+                f"with a token rate and two budgets reserved in the same script: "
+                f"p50 {rl['tokens_p50']:.3f} ms, p99 {rl['tokens_p99']:.3f} ms; "
+                f"settling: p50 {rl['settle_p50']:.3f} ms, p99 {rl['settle_p99']:.3f} ms"
+            )
     lines += streaming.table(s)
     m = results["machine"]
     lines.append(

@@ -80,8 +80,8 @@ for j = 1, m do
   if start == nil or index > start then  -- a new window: what the last one held is over
     start, used, reserved = index, 0, 0
     redis.call('HSET', KEYS[n + j], 'start', start, 'used', 0, 'reserved', 0)
+    redis.call('PEXPIRE', KEYS[n + j], ARGV[at + 3])  -- kept until the window ends, and a while
   end
-  redis.call('PEXPIRE', KEYS[n + j], ARGV[at + 3])
   if used + reserved + tokens > limit then fits = 0 end
   states[j] = {start, used, reserved}
 end
