@@ -355,6 +355,55 @@ def test_a_new_window_starts_empty_and_an_old_reservation_settles_only_in_its_ow
     asyncio.run(scenario())
 
 
+def test_with_redis_away_tasks_are_limited_locally_and_usage_is_a_clear_503(
+    start_service: StartService, own_redis: dict
+) -> None:
+    service = start_service(REDIS_URL=own_redis["url"], TOKEN_BUDGET="5000/day")
+    body = {"prompt": "x" * 30, "max_tokens": 90}
+    with service.client() as client:
+        assert client.post("/task", json=body).status_code == 200
+        own_redis["stop"]()
+        assert client.post("/task", json=body).json()["reserved_tokens"] == 100  # held here
+        away = client.get("/usage")
+        assert away.status_code == 503, away.text
+        assert away.json()["error"]["type"] == "unavailable"
+        own_redis["start"]()  # empty: this Redis keeps nothing on disk
+        back = client.get("/usage")
+        assert back.status_code == 200
+        assert back.json()["windows"][0]["limit"] == 5000
+
+
+@pytest.mark.parametrize("mode", ["local", "allow", "deny"])
+def test_token_limits_follow_the_store_error_policy(mode: str) -> None:
+    windows = token_windows([], parse_many("300/day"))
+    requests = parse_many("1000/minute")
+
+    async def scenario() -> None:
+        dead = f"redis://127.0.0.1:{free_port()}/0"
+        limiter = RateLimiter(redis_url=dead, on_store_error=mode)  # type: ignore[arg-type]
+        try:
+            ask = TokenAsk(id="a", tokens=200, windows=windows)
+            if mode == "deny":
+                with pytest.raises(StoreUnavailable):
+                    await limiter.admit("task", "o", requests, ask)
+                return
+            admitted = await limiter.admit("task", "o", requests, ask)
+            assert admitted.allowed
+            again = await limiter.admit(
+                "task", "o", requests, TokenAsk(id="b", tokens=200, windows=windows)
+            )
+            if mode == "allow":  # nothing is reserved, nothing refused
+                assert admitted.reserved is None and again.allowed
+                assert await limiter.settle("o", "a", charge=5) is None
+            else:  # this process keeps the budget itself, and settles what it reserved
+                assert admitted.reserved == 200 and not again.allowed
+                assert await limiter.settle("o", "a", charge=5) == 200
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_checks_made_at_once_share_pipelines_and_stay_exact(own_redis: dict) -> None:
     """200 checks at once from one worker: exactly the limit passes, and they reach Redis in
     pipelines of up to 32, a few reads on its side rather than one per check."""

@@ -18,7 +18,8 @@ from tests.fake_openai import FakeOpenAI, Step
 from tests.sse import read_stream
 from tests.support import ALICE, BOB, command, redis_url, wait_for
 
-pytestmark = pytest.mark.database_agnostic
+# The PostgreSQL pass runs only the test that reads tokens by model from the database.
+agnostic = pytest.mark.database_agnostic
 
 STORES = ["in-process", "redis"]
 
@@ -86,6 +87,7 @@ def test_a_reservation_bounds_the_call_and_settles_to_the_reported_usage(
         assert f'reasoning_agent_tokens_settled_total{{key="alice"}} {reported}.0' in metrics
 
 
+@agnostic
 def test_without_token_limits_nothing_is_reserved_or_sent_as_a_limit(
     start_service: StartService, fake_llm: FakeOpenAI
 ) -> None:
@@ -100,6 +102,7 @@ def test_without_token_limits_nothing_is_reserved_or_sent_as_a_limit(
 
 
 @pytest.mark.parametrize("store", STORES)
+@agnostic
 def test_a_window_without_room_refuses_with_its_type_and_headers(
     start_service: StartService, fake_llm: FakeOpenAI, store: str
 ) -> None:
@@ -142,6 +145,7 @@ def test_a_window_without_room_refuses_with_its_type_and_headers(
 
 
 @pytest.mark.parametrize("store", STORES)
+@agnostic
 def test_background_tasks_reserve_when_accepted_and_release_on_cancel(
     start_service: StartService, fake_llm: FakeOpenAI, store: str
 ) -> None:
@@ -166,6 +170,7 @@ def test_background_tasks_reserve_when_accepted_and_release_on_cancel(
             time.sleep(0.1)
 
 
+@agnostic
 def test_a_key_policy_from_the_file_overrides_the_default_and_lists_its_models(
     start_service: StartService, fake_llm: FakeOpenAI, tmp_path: Path
 ) -> None:
@@ -205,6 +210,7 @@ def test_a_key_policy_from_the_file_overrides_the_default_and_lists_its_models(
     assert "KEY_POLICIES_FILE rejected, keeping the last good one" in service.logs()
 
 
+@agnostic
 def test_a_bad_policies_file_refuses_to_start(tmp_path: Path) -> None:
     policies = tmp_path / "policies.yaml"
     policies.write_text("keys:\n  team-a:\n    token_budgte: 1/day\n")
@@ -227,6 +233,7 @@ def test_a_bad_policies_file_refuses_to_start(tmp_path: Path) -> None:
     assert "Traceback" not in ended.stderr
 
 
+@agnostic
 def test_a_streamed_task_settles_like_any_other_and_a_cancelled_one_gives_back(
     start_service: StartService, fake_llm: FakeOpenAI
 ) -> None:
@@ -256,3 +263,18 @@ def test_a_streamed_task_settles_like_any_other_and_a_cancelled_one_gives_back(
         assert alice.delete(f"/task/{task_id}").json()["status"] == "cancelled"
         window = budget_window(usage_of(alice))
         assert (window["used"], window["reserved"]) == (reported + 100, 0)
+
+
+@agnostic
+def test_a_repeated_idempotency_key_is_charged_once(
+    start_service: StartService, fake_llm: FakeOpenAI
+) -> None:
+    service = start_service(TOKEN_BUDGET="5000/day")
+    body = {"prompt": prompt_of(30), "max_tokens": 90}
+    with service.client() as alice:
+        headers = {"Idempotency-Key": "charge-me-once"}
+        first = alice.post("/task", json=body, headers=headers).json()
+        again = alice.post("/task", json=body, headers=headers).json()
+        assert again["id"] == first["id"] and fake_llm.calls == 1
+        window = budget_window(usage_of(alice))
+        assert (window["used"], window["reserved"]) == (first["usage"]["total_tokens"], 0)

@@ -158,7 +158,12 @@ class Quota:
 
     async def windows(self, owner: str) -> list[WindowState]:
         """Each of `owner`'s token windows: its limit, what it used and holds reserved now."""
-        return await self.limiter.usage(owner, self.policies.of(owner).token_windows)
+        try:
+            return await self.limiter.usage(owner, self.policies.of(owner).token_windows)
+        except StoreUnavailable:
+            raise ServiceUnavailable(
+                "token usage cannot be read now: Redis is unreachable"
+            ) from None
 
 
 def _refusal(owner: str, tokens: TokenDecision, *, headers: dict[str, str]) -> RateLimited:

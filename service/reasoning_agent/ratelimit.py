@@ -143,7 +143,7 @@ _WINDOW_GRACE_S = 60.0
 
 
 class StoreUnavailable(Exception):
-    """The shared store failed and RATE_LIMIT_ON_STORE_ERROR=deny."""
+    """The shared store failed, and what was asked cannot be decided without it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +216,11 @@ class TokenDecision:
 
     @property
     def retry_after(self) -> int | None:
-        """Seconds until every refusing window starts anew; None when it never fits."""
+        """Seconds until every refusing window starts anew (0 when none refused); None when
+        it never fits."""
         refused = self.refused_by
+        if not refused:
+            return 0
         if any(self.tokens > state.limit for state in refused):
             return None
         return max(1, math.ceil(max(state.reset_at for state in refused) - self.now))
@@ -426,6 +429,8 @@ class RateLimiter:
     ) -> Admission:
         """Count one request of `owner` and reserve its `tokens`, both or neither: denied if
         any request limit is full or any token window lacks room."""
+        if tokens is not None and not tokens.windows:
+            tokens = None  # nothing to reserve in
         if self._redis is None:
             return self._local.admit(scope, owner, items, tokens)
         if time.monotonic() >= self._store_down_until:
@@ -514,15 +519,20 @@ class RateLimiter:
         return None if held < 0 else held
 
     async def usage(self, owner: str, windows: tuple[TokenWindow, ...]) -> list[WindowState]:
-        """What each of `owner`'s token windows has used and reserved now."""
-        if self._redis is None:
+        """What each of `owner`'s token windows has used and reserved now; StoreUnavailable
+        when Redis cannot say."""
+        if self._redis is None or not windows:
             return self._local.usage(owner, windows)
         now, tag = time.time(), self._tag("task", owner)
         pipe = self._redis.pipeline(transaction=False)
         for window in windows:
             pipe.hmget(f"{tag}:{window.name}", ["start", "used", "reserved"])
+        try:
+            states = await pipe.execute()
+        except Exception as exc:
+            raise StoreUnavailable("the rate-limit store is unreachable") from exc
         found = []
-        for window, (start, used, reserved) in zip(windows, await pipe.execute(), strict=True):
+        for window, (start, used, reserved) in zip(windows, states, strict=True):
             index, _, end = window.span(now)
             current = start is not None and int(start) == index
             found.append(

@@ -351,3 +351,22 @@ def test_a_stream_cancelled_through_another_replica_stops_where_it_runs(
     assert stopped_after < 13, stopped_after  # the next lease renewal, every 10 s
     assert len(deltas(streamed) + deltas(rest)) < len("".join(words))
     assert stored["status"] == "cancelled"  # not overwritten by the answer's end
+
+
+def test_an_arq_worker_settles_the_reservation_its_task_was_accepted_with(
+    start_service: StartService, fake_llm: FakeOpenAI, start_worker: Callable
+) -> None:
+    """The reservation is made by the server that accepts the task, in Redis; the worker
+    process that runs it settles it there."""
+    service = start_service(REDIS_URL=redis_url(), TOKEN_BUDGET="5000/day")
+    with service.client() as client:
+        body = {"prompt": "settled elsewhere", "max_tokens": 90, "mode": "async"}
+        accepted = client.post("/task", json=body)
+        assert accepted.status_code == 202
+        assert accepted.json()["reserved_tokens"] == 6 + 90  # ceil(17 / 3) + 90
+        (window,) = client.get("/usage").json()["windows"]
+        assert window["reserved"] == 96  # held while it waits for a worker
+        start_worker(service)
+        done = wait_for(client, accepted.json()["id"], {"completed"})
+        (window,) = client.get("/usage").json()["windows"]
+        assert (window["used"], window["reserved"]) == (done["usage"]["total_tokens"], 0)
