@@ -20,6 +20,7 @@ from reasoning_agent.api.middleware import (
     RequestLimitsMiddleware,
 )
 from reasoning_agent.api.routes import health, tasks, usage
+from reasoning_agent.bearer import BearerVerifier
 from reasoning_agent.config import Settings, load_settings
 from reasoning_agent.errors import install_handlers
 from reasoning_agent.keys import KeyRing
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     logs.configure_logging(settings.log_level, secrets=settings.secret_values())
     keyring = KeyRing.from_settings(settings)
+    bearer = BearerVerifier.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
         middleware=[
             Middleware(RequestContextMiddleware),
-            Middleware(AuthMiddleware, keyring=keyring),
+            Middleware(AuthMiddleware, keyring=keyring, bearer=bearer),
             Middleware(RequestLimitsMiddleware, max_bytes=settings.max_body_bytes),
         ],
     )
@@ -84,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(health.router)
     app.include_router(health.probes)
-    document_api_key(app, public=PUBLIC_PATHS)
+    document_api_key(app, public=PUBLIC_PATHS, bearer=bearer is not None)
     tracing = telemetry.setup_tracing(app)
     return app
 

@@ -45,6 +45,12 @@ def _limits_text(value: str) -> str:
 LimitsText = Annotated[str, AfterValidator(_limits_text)]
 
 
+# Public-key signatures only: a shared secret (HS*) or `none` never verifies a bearer token.
+_SIGNATURE_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
 class Settings(BaseSettings):
     """The service's environment, validated at start so a typo fails loudly."""
 
@@ -55,6 +61,18 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
     admin_keys: str = ""  # names from API_KEYS whose callers may read /metrics on the main port
+    # Bearer tokens (JWTs) from this OpenID Connect issuer, beside the API keys.
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None  # the issuer's key set, when discovery cannot find it
+    oidc_algorithms: str = "RS256,ES256"
+    oidc_leeway_s: float = Field(30.0, ge=0, le=600)
+    oidc_required_claims: str = ""  # claim=value pairs, comma-separated
+    oidc_principal_claim: str = Field("sub", min_length=1)
+    oidc_jwks_cooldown_s: float = Field(30.0, ge=0, le=3600)  # between fetches for unknown keys
+    oidc_jwks_refresh_s: float = Field(300.0, gt=0)  # a key set this old is fetched again
+    oidc_ca_file: Path | None = None  # to trust the issuer's TLS certificate
+    oidc_fetch_token_file: Path | None = None  # sent as a bearer token when fetching its keys
     rate_limit: LimitsText = "60/minute"
     query_rate_limit: LimitsText = "600/minute"
     # Tokens per key (unset: none), for keys KEY_POLICIES_FILE gives no limits of their own.
@@ -120,6 +138,32 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name.strip()!r} is not a key name ([A-Za-z0-9_.-])")
         return value
 
+    @field_validator("oidc_issuer", "oidc_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _asymmetric(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        wrong = [name for name in names if name not in _SIGNATURE_ALGORITHMS]
+        if not names or wrong:
+            raise ValueError(
+                f"expected a comma-separated list of {', '.join(sorted(_SIGNATURE_ALGORITHMS))}"
+            )
+        return value
+
+    @field_validator("oidc_required_claims")
+    @classmethod
+    def _claim_pairs(cls, value: str) -> str:
+        for pair in value.split(","):
+            if pair.strip() and not re.fullmatch(r"[^=\s]+=[^,]*", pair.strip()):
+                raise ValueError(f"{pair.strip()!r} is not claim=value")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -137,6 +181,11 @@ class Settings(BaseSettings):
     def _sane_together(self) -> Settings:
         if self.task_runner == "arq" and self.redis_url is None:
             raise ValueError("TASK_RUNNER=arq needs REDIS_URL: the queue lives in Redis")
+        if self.oidc_issuer is not None and not self.oidc_audience:
+            raise ValueError(
+                "OIDC_AUDIENCE: required with OIDC_ISSUER, or a token minted for any other "
+                "service would be accepted here"
+            )
         if self.workers > 1 and self.redis_url is None:
             raise ValueError(
                 f"WORKERS={self.workers} without REDIS_URL would give every worker its own "
@@ -166,6 +215,15 @@ class Settings(BaseSettings):
     @cached_property
     def admin_names(self) -> frozenset[str]:
         return frozenset(name.strip() for name in self.admin_keys.split(",") if name.strip())
+
+    @cached_property
+    def oidc_algorithm_names(self) -> list[str]:
+        return [name.strip() for name in self.oidc_algorithms.split(",") if name.strip()]
+
+    @cached_property
+    def oidc_claims(self) -> dict[str, str]:
+        pairs = (pair.strip().split("=", 1) for pair in self.oidc_required_claims.split(","))
+        return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
 
     @cached_property
     def rate_limits(self) -> list[limits.RateLimitItem]:

@@ -28,6 +28,7 @@ __all__ = [
     "Forbidden",
     "GatewayTimeout",
     "InvalidRequest",
+    "InvalidToken",
     "ModelNotAllowed",
     "NotFound",
     "PayloadTooLarge",
@@ -88,8 +89,22 @@ class UriTooLong(ServiceError):
 class Unauthorized(ServiceError):
     status, type = 401, "unauthorized"
 
-    def __init__(self, message: str = "a valid X-API-Key header is required") -> None:
-        super().__init__(message, headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
+    def __init__(
+        self,
+        message: str = "a valid X-API-Key header is required",
+        *,
+        challenge: str = 'ApiKey header="X-API-Key"',
+    ) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class InvalidToken(Unauthorized):
+    """A bearer token that failed a check (RFC 6750's `invalid_token`)."""
+
+    type = "invalid_token"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, challenge='Bearer error="invalid_token"')
 
 
 class Forbidden(ServiceError):
@@ -216,7 +231,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _REASONS = {
     400: "Malformed request (not UTF-8, too many query parameters)",
-    401: "Missing or unknown X-API-Key",
+    401: "Missing or unknown X-API-Key, or a bearer token that failed a check",
     403: "The key may not use this endpoint or model",
     404: "No such task for this key",
     409: "The same Idempotency-Key is still in progress",

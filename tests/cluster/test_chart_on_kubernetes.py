@@ -607,3 +607,76 @@ def test_an_image_upgrade_migrates_first_and_fails_no_call_during_the_roll(
         line.split()[1] for line in new_set.splitlines() if line.split()[0].endswith(NEXT_IMAGE)
     )
     assert max(completed) <= rolled_at, (completed, rolled_at)  # the hook ran before the roll
+
+
+# A workload with no API key: its projected service-account tokens, one minted for the
+# service's audience and one for another, each used to create a task and read it back.
+TOKEN_CALLER = """
+apiVersion: v1
+kind: Pod
+metadata: {name: token-caller, labels: {app.kubernetes.io/name: caller}}
+spec:
+  serviceAccountName: batch
+  automountServiceAccountToken: false
+  restartPolicy: Never
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65534
+    seccompProfile: {type: RuntimeDefault}
+  containers:
+    - name: caller
+      image: busybox:1.37
+      command: [sh, -c]
+      args:
+        - |
+          for token in ra other; do
+            auth="Authorization: Bearer $(cat /var/run/secrets/tokens/$token)"
+            made=$(wget -q -T 10 -O - --header "$auth" --header "Content-Type: application/json" \\
+              --post-data '{"prompt": "from a pod"}' http://%(service)s:8000/task 2>&1)
+            echo "$token POST $made"
+            id=$(echo "$made" | sed -n 's/.*"id":"\\([0-9a-f]*\\)".*/\\1/p')
+            if [ -n "$id" ]; then
+              echo "$token GET $(wget -q -T 10 -O - --header "$auth" http://%(service)s:8000/task/$id 2>&1)"
+            fi
+          done
+      securityContext:
+        allowPrivilegeEscalation: false
+        capabilities: {drop: [ALL]}
+      volumeMounts: [{name: tokens, mountPath: /var/run/secrets/tokens, readOnly: true}]
+  volumes:
+    - name: tokens
+      projected:
+        sources:
+          - serviceAccountToken: {path: ra, audience: %(audience)s, expirationSeconds: 600}
+          - serviceAccountToken: {path: other, audience: someone-else, expirationSeconds: 600}
+"""
+
+
+def test_a_pod_calls_with_its_service_account_token_and_no_key(scaled: Cluster) -> None:
+    """oidc.kubernetes: the cluster's own issuer, its keys read through the API server."""
+    scaled.upgrade("oidc.enabled=true", "oidc.kubernetes=true")
+    name = f"{scaled.release}-reasoning-agent"
+    binding = run(
+        "kubectl", "get", "clusterrolebinding", f"{name}-{scaled.namespace}-issuer-discovery",
+        "-o", "jsonpath={.roleRef.name}", env=scaled.env,
+    ).stdout  # fmt: skip
+    assert binding == "system:service-account-issuer-discovery"
+    scaled.kubectl("create", "serviceaccount", "batch")
+    scaled.kubectl("apply", "-f", "-", input=TOKEN_CALLER % {"service": name, "audience": name})
+    scaled.kubectl(
+        "wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/token-caller", "--timeout=120s",
+        timeout=150,
+    )  # fmt: skip
+    lines = scaled.kubectl("logs", "token-caller").splitlines()
+    made = json.loads(next(line for line in lines if line.startswith("ra POST ")).split(" ", 2)[2])
+    principal = f"oidc:system:serviceaccount:{scaled.namespace}:batch"
+    assert made["owner"] == principal and made["status"] == "completed", made
+    read = json.loads(next(line for line in lines if line.startswith("ra GET ")).split(" ", 2)[2])
+    assert read["id"] == made["id"] and read["owner"] == principal
+    refused = next(line for line in lines if line.startswith("other POST "))
+    assert "401" in refused, lines  # minted for another audience
+    assert not any(line.startswith("other GET ") for line in lines)
+    # The key still works beside the tokens, and sees none of the service account's tasks.
+    with scaled.forwarded() as base_url:
+        mine = httpx.get(f"{base_url}/task/{made['id']}", headers={"X-API-Key": CI_KEY})
+    assert mine.status_code == 404

@@ -281,6 +281,53 @@ def test_key_policies_are_a_configmap_the_server_re_reads_without_a_restart(
     assert "/keyPolicies/team-a/token_budget" in refused
 
 
+def test_oidc_kubernetes_mode_mounts_the_servers_token_and_binds_issuer_discovery_only() -> None:
+    docs = render(EXTERNAL, sets={"oidc.enabled": "true", "oidc.kubernetes": "true"})
+    config = find(docs, "ConfigMap", "ra-reasoning-agent")["data"]
+    assert config["OIDC_ISSUER"] == "https://kubernetes.default.svc.cluster.local"
+    assert config["OIDC_AUDIENCE"] == "ra-reasoning-agent"  # the release's full name
+    assert config["OIDC_JWKS_URL"] == "https://kubernetes.default.svc/openid/v1/jwks"
+    assert config["OIDC_FETCH_TOKEN_FILE"] == "/var/run/secrets/reasoning-agent/issuer/token"
+    binding = find(docs, "ClusterRoleBinding")
+    assert binding["metadata"]["name"] == "ra-reasoning-agent-default-issuer-discovery"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "system:service-account-issuer-discovery",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ra-reasoning-agent", "namespace": "default"}
+    ]
+    server = app_deployment(docs)["spec"]["template"]["spec"]
+    assert server["automountServiceAccountToken"] is False  # the projected volume alone
+    (access,) = [v for v in server["volumes"] if v["name"] == "issuer-access"]
+    sources = access["projected"]["sources"]
+    assert sources[0] == {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+    worker = find(docs, "Deployment", "ra-reasoning-agent-worker")["spec"]["template"]["spec"]
+    assert all(v["name"] != "issuer-access" for v in worker["volumes"])
+
+    plain = render(
+        DEFAULT,
+        sets={"oidc.enabled": "true", "oidc.issuer": "https://login.example.com"},
+    )
+    config = find(plain, "ConfigMap", "ra-reasoning-agent")["data"]
+    assert config["OIDC_ISSUER"] == "https://login.example.com" and "OIDC_JWKS_URL" not in config
+    assert not [d for d in plain if d["kind"] == "ClusterRoleBinding"]
+    assert all(
+        v["name"] != "issuer-access"
+        for v in app_deployment(plain)["spec"]["template"]["spec"]["volumes"]
+    )
+    assert not [
+        k
+        for k in find(render(DEFAULT), "ConfigMap", "ra-reasoning-agent")["data"]
+        if k.startswith("OIDC")
+    ]
+    assert "needs oidc.issuer, or oidc.kubernetes" in render_error(
+        DEFAULT, sets={"oidc.enabled": "true"}
+    )
+
+
 @pytest.mark.parametrize("values", ci_values(), ids=lambda p: p.name)
 def test_every_pod_runs_hardened(values: Path) -> None:
     docs = render(values, sets={"autoscaling.enabled": "false"})

@@ -126,6 +126,9 @@ key: database-url
 {{- if and .Values.podDisruptionBudget.enabled (not (include "reasoning-agent.externalDatabase" .)) }}
 {{- fail "podDisruptionBudget needs an external database (database.url): with SQLite there is one pod" }}
 {{- end }}
+{{- if and .Values.oidc.enabled (not (include "reasoning-agent.oidcIssuer" .)) }}
+{{- fail "oidc.enabled needs oidc.issuer, or oidc.kubernetes to trust the cluster's own service-account tokens" }}
+{{- end }}
 {{- end }}
 
 {{/* The environment the HTTP pods and the worker pods share: secrets, database and Redis. */}}
@@ -292,4 +295,16 @@ spec:
      (10 s), so requests and jobs in flight can finish after SIGTERM. */}}
 {{- define "reasoning-agent.gracePeriod" -}}
 terminationGracePeriodSeconds: {{ add (int .Values.config.llmTimeoutS) 25 (int .Values.shutdownDelaySeconds) }}
+{{- end }}
+
+{{/* The issuer bearer tokens come from: the given one, or the cluster's own in Kubernetes mode. */}}
+{{- define "reasoning-agent.oidcIssuer" -}}
+{{- if .Values.oidc.issuer }}{{ .Values.oidc.issuer }}
+{{- else if .Values.oidc.kubernetes }}https://kubernetes.default.svc.cluster.local
+{{- end }}
+{{- end }}
+
+{{/* "true" when the server reads the cluster's token-signing keys through the API server. */}}
+{{- define "reasoning-agent.oidcKubernetes" -}}
+{{- if and .Values.oidc.enabled .Values.oidc.kubernetes }}true{{ end }}
 {{- end }}

@@ -62,8 +62,9 @@ async def _query_limit(request: Request, response: Response) -> Decision:
     return decision
 
 
-def document_api_key(app: FastAPI, *, public: frozenset[str]) -> None:
-    """Declare the X-API-Key scheme in OpenAPI, on every operation but the `public` paths."""
+def document_api_key(app: FastAPI, *, public: frozenset[str], bearer: bool = False) -> None:
+    """Declare the X-API-Key scheme in OpenAPI (and, with `bearer`, bearer tokens as the
+    other way in) on every operation but the `public` paths."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -71,10 +72,19 @@ def document_api_key(app: FastAPI, *, public: frozenset[str]) -> None:
             schema = generate()
             schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
             schemes["APIKeyHeader"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+            either: list[dict[str, list[str]]] = [{"APIKeyHeader": []}]
+            if bearer:
+                schemes["BearerToken"] = {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "a JWT from the OIDC_ISSUER, for the OIDC_AUDIENCE",
+                }
+                either.append({"BearerToken": []})
             for path, operations in schema["paths"].items():
                 if path not in public:
                     for operation in operations.values():
-                        operation["security"] = [{"APIKeyHeader": []}]
+                        operation["security"] = either
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, the access log and metrics, and API-key authentication."""
+"""Pure ASGI middleware: request ids, the access log and metrics, and authentication (API keys
+and bearer tokens)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reasoning_agent.bearer import BearerVerifier, IssuerUnavailable, TokenRefused
 from reasoning_agent.errors import (
     BadRequest,
+    InvalidToken,
     PayloadTooLarge,
     ServiceError,
+    ServiceUnavailable,
     Unauthorized,
     UriTooLong,
     error_response,
 )
-from reasoning_agent.keys import KeyRing
+from reasoning_agent.keys import ApiKey, KeyRing
 from reasoning_agent.observability import logs, metrics
 from reasoning_agent.observability.telemetry import span
 
@@ -99,27 +103,61 @@ class RequestContextMiddleware:
 
 
 class AuthMiddleware:
-    """Refuses any request without a valid X-API-Key before its body is read; probes are exempt."""
+    """Refuses any request without a valid X-API-Key (or, with `bearer`, a valid bearer token)
+    before its body is read; probes are exempt."""
 
-    def __init__(self, app: ASGIApp, *, keyring: KeyRing) -> None:
+    def __init__(
+        self, app: ASGIApp, *, keyring: KeyRing, bearer: BearerVerifier | None = None
+    ) -> None:
         self.app = app
         self.keyring = keyring
+        self.bearer = bearer
+        self._missing = Unauthorized(
+            "a valid X-API-Key header or bearer token is required"
+            if bearer
+            else "a valid X-API-Key header is required",
+            challenge='ApiKey header="X-API-Key", Bearer'
+            if bearer
+            else 'ApiKey header="X-API-Key"',
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            presented = Headers(scope=scope).get("x-api-key")
             with span("authenticate") as current:
-                caller = self.keyring.authenticate(presented)
+                try:
+                    caller = await self._caller(Headers(scope=scope))
+                except ServiceError as refused:
+                    metrics.AUTH_FAILURES.inc()
+                    if current.is_recording():
+                        current.set_attribute("reasoning_agent.authenticated", False)
+                    await refused.response()(scope, receive, send)
+                    return
                 if current.is_recording():
-                    current.set_attribute("reasoning_agent.authenticated", caller is not None)
-                    if caller is not None:
-                        current.set_attribute("reasoning_agent.key", caller.name)
-            if caller is None:
-                metrics.AUTH_FAILURES.inc()
-                await Unauthorized().response()(scope, receive, send)
-                return
+                    current.set_attribute("reasoning_agent.authenticated", True)
+                    current.set_attribute("reasoning_agent.key", caller.name)
             scope.setdefault("state", {})["api_key"] = caller
         await self.app(scope, receive, send)
+
+    async def _caller(self, headers: Headers) -> ApiKey:
+        presented = headers.get("x-api-key")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            caller = self.keyring.authenticate(presented)
+            if caller is None:
+                raise self._missing
+            return caller
+        if presented is not None:
+            raise BadRequest("send either X-API-Key or a bearer token, not both")
+        if self.bearer is None:
+            raise InvalidToken("bearer tokens are not accepted here: OIDC_ISSUER is not set")
+        try:
+            name = await self.bearer.principal(token.strip())
+        except TokenRefused as exc:
+            log.info("bearer token refused: %s", exc)
+            raise InvalidToken(f"the bearer token was refused: {exc}") from None
+        except IssuerUnavailable as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        return ApiKey(name=name, fingerprint="")
 
 
 class RequestLimitsMiddleware:

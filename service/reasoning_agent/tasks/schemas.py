@@ -98,6 +98,7 @@ class TaskOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
+    owner: str = Field(description="the API key's name, or `oidc:` and a bearer token's principal")
     status: TaskStatus
     prompt: str | None
     system: str | None
