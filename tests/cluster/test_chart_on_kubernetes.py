@@ -668,7 +668,15 @@ def test_a_pod_calls_with_its_service_account_token_and_no_key(scaled: Cluster) 
         timeout=150,
     )  # fmt: skip
     lines = scaled.kubectl("logs", "token-caller").splitlines()
-    made = json.loads(next(line for line in lines if line.startswith("ra POST ")).split(" ", 2)[2])
+    posted = next(line for line in lines if line.startswith("ra POST ")).split(" ", 2)[2]
+    if not posted.startswith("{"):
+        server = scaled.kubectl(
+            "logs", "-l", "app.kubernetes.io/component=server", "--tail=-1", "--prefix",
+            check=False,
+        )  # fmt: skip
+        said = [line for line in server.splitlines() if "/task" in line or "token" in line]
+        pytest.fail(f"the token was not taken: {posted}\n" + "\n".join(said[-20:]))
+    made = json.loads(posted)
     principal = f"oidc:system:serviceaccount:{scaled.namespace}:batch"
     assert made["owner"] == principal and made["status"] == "completed", made
     read = json.loads(next(line for line in lines if line.startswith("ra GET ")).split(" ", 2)[2])
