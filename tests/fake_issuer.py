@@ -3,12 +3,10 @@ EC keys, rotated at will, and tokens minted with them."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.applications import Starlette
@@ -16,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support import free_port
+from tests.loopback import LoopbackServer
 
 AUDIENCE = "reasoning-agent"
 
@@ -44,8 +42,6 @@ class FakeIssuer:
     """Serves `/.well-known/openid-configuration` and `/jwks`; counts the key-set fetches."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.keys = [SigningKey("rsa-1", "RS256"), SigningKey("ec-1", "ES256")]
         self.jwks_fetches = 0
         self.available = True  # False: 503 for every document
@@ -55,21 +51,15 @@ class FakeIssuer:
                 Route("/jwks", self._jwks),
             ]
         )
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._http = LoopbackServer(app)
+        self.url = f"http://127.0.0.1:{self._http.port}"
 
     def start(self) -> FakeIssuer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline, "the fake issuer did not start"
-            time.sleep(0.02)
+        self._http.start()
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._http.stop()
 
     def key(self, kid: str) -> SigningKey:
         return next(key for key in self.keys if key.kid == kid)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
 from collections import deque
@@ -13,11 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.loopback import LoopbackServer
 
 
 @dataclass
@@ -60,30 +60,19 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self.requests: list[Received] = []
         self.default_delay = 0.0
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._release = threading.Event()
         app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._http = LoopbackServer(app)
+        self.port = self._http.port
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> FakeOpenAI:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake OpenAI server did not start")
-            time.sleep(0.02)
+        self._http.start()
         return self
 
     def stop(self) -> None:
-        from tests.support import quiet_uvicorn
-
-        quiet_uvicorn()
-        self._release.set()
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._release.set()  # hung answers end first
+        self._http.stop()
 
     def reset(self) -> None:
         with self._lock:
@@ -201,10 +190,3 @@ class FakeOpenAI:
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=step.headers)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
