@@ -121,7 +121,8 @@ def test_the_image_runs_read_only_as_10001_and_keeps_tasks_on_its_volume(image: 
     assert image["Config"]["Entrypoint"] == ["reasoning-agent"]
     assert image["Config"]["Cmd"] == ["serve"]
     assert "8000/tcp" in image["Config"]["ExposedPorts"]
-    assert image["AddedSize"] < 150e6, f"the image adds {image['AddedSize'] / 1e6:.0f} MB"
+    # What the dependencies weigh; cryptography, for bearer-token signatures, is 16 MB of it.
+    assert image["AddedSize"] < 170e6, f"the image adds {image['AddedSize'] / 1e6:.0f} MB"
 
     volume = f"ra-test-{uuid.uuid4().hex[:8]}"
     docker("volume", "create", volume)
