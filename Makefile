@@ -46,9 +46,10 @@ manifests: tools
 	   .tools/bin/helm template reasoning-agent charts/reasoning-agent -f k8s/kind-values.yaml \
 	     --kube-version 1.35.0 --skip-tests; } > k8s/reasoning-agent.yaml
 
-# The service against a bare pass-through and LiteLLM proxy (installs wrk, h2load and LiteLLM itself).
+# The service against a bare pass-through, Portkey's gateway and LiteLLM proxy (installs wrk,
+# h2load and node, then Portkey and LiteLLM into bench/ themselves).
 bench: install
-	@for tool in wrk:wrk h2load:nghttp2-client; do \
+	@for tool in wrk:wrk h2load:nghttp2-client node:nodejs npm:npm; do \
 		command -v $${tool%%:*} >/dev/null || { [ "$$(id -u)" = 0 ] \
 			&& apt-get install -y -qq --no-install-recommends $${tool#*:} >/dev/null; } \
 		|| { echo "bench: install $${tool#*:} (apt-get install $${tool#*:})"; exit 1; }; done

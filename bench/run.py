@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import platform
@@ -43,6 +44,11 @@ BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 LITELLM_VENV = BENCH / ".litellm"
 LITELLM_VERSION = "1.106.0"
+PORTKEY_DIR = BENCH / ".portkey"
+PORTKEY_VERSION = "1.15.2"
+PORTKEY_SERVER = (
+    PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+)
 MASTER_KEY = "sk-bench-master-key-0123456789"
 PY = sys.executable
 # The pass-through's req/s per worker on the machine where issue 6's targets were set.
@@ -57,6 +63,8 @@ class Contender:
     process: subprocess.Popen[bytes]
     path: str = "/task"
     pids: list[int] = field(default_factory=list)
+    # For a gateway: the headers of its OpenAI-shaped request (the service's is post.lua's).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
         stop(self.process)
@@ -229,8 +237,88 @@ def start_litellm(tmp: Path, upstream: str, workers: int) -> Contender:
     )
     wait_ready(f"http://127.0.0.1:{port}/health/liveliness", process, log, timeout=180)
     return Contender(
-        "LiteLLM", f"http://127.0.0.1:{port}", MASTER_KEY, process, path="/chat/completions"
+        "LiteLLM",
+        f"http://127.0.0.1:{port}",
+        MASTER_KEY,
+        process,
+        path="/chat/completions",
+        headers={"Authorization": f"Bearer {MASTER_KEY}"},
     )
+
+
+def portkey_available() -> bool:
+    """Portkey's open-source gateway, from npm into bench/.portkey (ignored by git)."""
+    if PORTKEY_SERVER.exists():
+        return True
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        print("Portkey skipped: node and npm are not installed")
+        return False
+    print(
+        f"installing @portkey-ai/gateway@{PORTKEY_VERSION} into {PORTKEY_DIR.relative_to(REPO)} ..."
+    )
+    try:
+        subprocess.run(
+            [
+                "npm", "install", "--prefix", str(PORTKEY_DIR), "--no-audit", "--no-fund",
+                "--silent", f"@portkey-ai/gateway@{PORTKEY_VERSION}",
+            ],
+            check=True,
+            timeout=900,
+        )  # fmt: skip
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"Portkey skipped: it could not be installed here ({exc})")
+        return False
+    return PORTKEY_SERVER.exists()
+
+
+def start_portkey(tmp: Path, upstream: str) -> Contender:
+    """One Node process, bound to 127.0.0.1 by a preload (it listens on every interface by
+    default); it routes by headers to the same upstream."""
+    port = free_port()
+    log = tmp / f"portkey-{port}.log"
+    process = spawn(
+        [
+            "node", "--import", str(BENCH / "loopback.mjs"), str(PORTKEY_SERVER),
+            f"--port={port}", "--headless",
+        ],
+        {"NODE_ENV": "production"},
+        log,
+    )  # fmt: skip
+    wait_ready(f"http://127.0.0.1:{port}/", process, log)
+    exposed = [a for a in listening(port) if not ipaddress.ip_address(a).is_loopback]
+    if exposed:
+        stop(process)
+        raise RuntimeError(f"Portkey listens beyond loopback on {exposed}; stopped it")
+    return Contender(
+        "Portkey",
+        f"http://127.0.0.1:{port}",
+        None,
+        process,
+        path="/v1/chat/completions",
+        headers={
+            "Authorization": "Bearer sk-bench",
+            "x-portkey-provider": "openai",
+            "x-portkey-custom-host": f"{upstream}/v1",
+        },
+    )
+
+
+def listening(port: int) -> list[str]:
+    """The local addresses a TCP socket listens on at `port` (from /proc/net/tcp and tcp6)."""
+    found = []
+    for table in ("tcp", "tcp6"):
+        path = Path("/proc/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words, each little-endian
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append(str(ipaddress.ip_address(words)))
+    return found
 
 
 def wrk(
@@ -274,7 +362,7 @@ def wrk(
     }
 
 
-LITELLM_BODY = json.dumps(
+GATEWAY_BODY = json.dumps(
     {
         "model": "bench-model",
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -283,17 +371,18 @@ LITELLM_BODY = json.dumps(
 
 
 def script_for(contender: Contender) -> str:
-    """The wrk script for a contender: the committed one, or LiteLLM's written to a temporary
-    file (its body and key differ), never into the tree."""
-    if contender.name != "LiteLLM":
+    """The wrk script for a contender: the committed one, or a gateway's written to a
+    temporary file (its body and headers differ), never into the tree."""
+    if not contender.headers:
         return "post.lua"
-    path = Path(tempfile.gettempdir()) / f"reasoning-agent-bench-litellm-{os.getpid()}.lua"
-    path.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{LITELLM_BODY}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {MASTER_KEY}"\n'
-    )
+    name = contender.name.lower()
+    path = Path(tempfile.gettempdir()) / f"reasoning-agent-bench-{name}-{os.getpid()}.lua"
+    lines = ['wrk.method = "POST"', f"wrk.body = '{GATEWAY_BODY}'"]
+    lines += [
+        f'wrk.headers["{header}"] = "{value}"'
+        for header, value in {"Content-Type": "application/json", **contender.headers}.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
     return str(path)
 
 
@@ -418,6 +507,8 @@ def latency_and_throughput(tmp: Path, upstream: str, args: argparse.Namespace) -
     """Scenarios 1 and 2: each contender with one worker, measured in turn, A B C A B C."""
     contenders = [start_service(tmp, upstream, 1), start_passthrough(tmp, upstream, 1)]
     try:
+        if not args.no_portkey and portkey_available():
+            contenders.append(start_portkey(tmp, upstream))
         if not args.no_litellm and litellm_available():
             contenders.append(start_litellm(tmp, upstream, 1))
         for c in contenders:  # warm: connections, caches, first-call imports
@@ -471,6 +562,47 @@ def latency_and_throughput(tmp: Path, upstream: str, args: argparse.Namespace) -
             }
             for c in contenders
         },
+    }
+
+
+def production_path(tmp: Path, upstream: str, args: argparse.Namespace) -> dict:
+    """The chart's scale-out path: the service on PostgreSQL and Redis with 2 workers, beside
+    the pass-through with 2 workers, wrk with 32 connections, in turn, A B A B."""
+    from tests.support import drop_postgres_database, postgres_database
+
+    database = postgres_database()
+    contenders = [
+        start_service(tmp, upstream, 2, extra_env={"DATABASE_URL": database}),
+        start_passthrough(tmp, upstream, 2),
+    ]
+    runs: dict[str, list] = {c.name: [] for c in contenders}
+    try:
+        for c in contenders:
+            wrk(c.base_url + c.path, connections=32, seconds=2, key=c.key, script=script_for(c))
+        for r in range(args.rounds):
+            for c in contenders:
+                runs[c.name].append(
+                    wrk(
+                        c.base_url + c.path,
+                        connections=32,
+                        seconds=args.seconds,
+                        key=c.key,
+                        script=script_for(c),
+                    )
+                )
+            print(f"production path round {r + 1}/{args.rounds} done", flush=True)
+    finally:
+        for c in contenders:
+            c.stop()
+        drop_postgres_database(database)
+    return {
+        name: {
+            "rps": median_of(each, "rps"),
+            "rps_each": [r["rps"] for r in each],
+            "p99_ms": median_of(each, "p99"),
+            "errors": sum(r["errors"] for r in each),
+        }
+        for name, each in runs.items()
     }
 
 
@@ -531,7 +663,7 @@ def query_latency(tmp: Path, upstream: str, args: argparse.Namespace) -> dict:
     }
 
 
-SCENARIOS = ("latency", "thousand", "query", "limit", "stream")
+SCENARIOS = ("latency", "production", "thousand", "query", "limit", "stream")
 
 
 def main() -> None:
@@ -539,11 +671,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--no-portkey", action="store_true")
     parser.add_argument("--quick", action="store_true", help="1 round of 5 s, small /query seed")
     parser.add_argument(
         "--only",
         default=",".join(SCENARIOS),
-        help="comma-separated: latency (1 and 2), thousand (3), query (4), limit (5), stream (6)",
+        help="comma-separated: latency (1 and 2), production, thousand (3), query (4), "
+        "limit (5), stream (6)",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -570,6 +704,8 @@ def main() -> None:
     try:
         if "latency" in only:
             scenarios.update(latency_and_throughput(tmp, upstream, args))
+        if "production" in only:
+            scenarios["production_path_32_conn"] = production_path(tmp, upstream, args)
         if "thousand" in only:
             scenarios["thousand_concurrent_1s_upstream"] = thousand_concurrent(tmp, args.rounds)
         if "query" in only:
@@ -609,7 +745,12 @@ def chart(results: dict, path: Path) -> None:
     added, rps = s["added_latency_1_conn"], s["throughput_16_conn"]
     thousand = s["thousand_concurrent_1s_upstream"]
     names = list(added)
-    colours = {"service": "#2b6cb0", "pass-through": "#718096", "LiteLLM": "#dd6b20"}
+    colours = {
+        "service": "#2b6cb0",
+        "pass-through": "#718096",
+        "Portkey": "#805ad5",
+        "LiteLLM": "#dd6b20",
+    }
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     width = 0.38
     for i, name in enumerate(names):
@@ -641,7 +782,7 @@ def chart(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    """The results as Markdown, with ratios to the pass-through and to LiteLLM."""
+    """The results as Markdown, with ratios to the pass-through, Portkey and LiteLLM."""
     s = results["scenarios"]
     lines: list[str] = []
     if "added_latency_1_conn" in s:
@@ -658,6 +799,21 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {name} | {row['wall_s']:.2f} | {each} | {row['errors']:.0f} | "
                 f"{row['peak_rss_mb_per_worker']:.0f} |"
+            )
+    if "production_path_32_conn" in s:
+        path = s["production_path_32_conn"]
+        floor = path["pass-through"]["rps"]
+        lines += [
+            "",
+            "| PostgreSQL + Redis, 2 workers, 32 connections | req/s (median) | each round | "
+            "p99 (ms) | errors | vs pass-through |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in path.items():
+            each = " / ".join(f"{r:.0f}" for r in row["rps_each"])
+            lines.append(
+                f"| {name} | {row['rps']:.0f} | {each} | {row['p99_ms']:.2f} | "
+                f"{row['errors']:.0f} | {row['rps'] / floor:.2f}x |"
             )
     if "query_latency" in s:
         q = s["query_latency"]
@@ -702,17 +858,18 @@ def latency_table(added: dict, rps: dict) -> list[str]:
 
     lines = [
         "| contender | added p50 (ms) | added p99 (ms) | req/s per worker (16 conn) | "
-        "vs pass-through (p50 / p99 / req/s) | vs LiteLLM (p50 / p99 / req/s) |",
-        "|---|---|---|---|---|---|",
+        "vs pass-through (p50 / p99 / req/s) | vs Portkey (p50 / p99 / req/s) | "
+        "vs LiteLLM (p50 / p99 / req/s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in added:
         ratios = [
             " / ".join(ratio(name, base, pick) for pick in ("p50", "p99", "rps"))
-            for base in ("pass-through", "LiteLLM")
+            for base in ("pass-through", "Portkey", "LiteLLM")
         ]
         lines.append(
             f"| {name} | {added[name]['p50_ms']:.2f} | {added[name]['p99_ms']:.2f} | "
-            f"{rps[name]['rps_per_worker']:.0f} | {ratios[0]} | {ratios[1]} |"
+            f"{rps[name]['rps_per_worker']:.0f} | {ratios[0]} | {ratios[1]} | {ratios[2]} |"
         )
     return lines
 
