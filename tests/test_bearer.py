@@ -202,6 +202,19 @@ def test_an_issuer_out_of_reach_leaves_cached_keys_working(
     assert "could not fetch the token issuer's keys, keeping 2 cached" in service.logs()
 
 
+def test_without_oidc_a_bearer_header_beside_a_key_is_ignored(
+    start_service: StartService,
+) -> None:
+    """Clients that send both (an SDK's Authorization, the service's key) keep working."""
+    service = start_service(LLM_PROVIDER="mock")
+    with httpx.Client(base_url=service.base_url, timeout=30) as client:
+        both = client.get("/query", headers={"X-API-Key": ALICE, **bearer("sk-anything")})
+        assert both.status_code == 200
+        alone = client.get("/query", headers=bearer("sk-anything"))
+        assert alone.status_code == 401
+        assert "OIDC_ISSUER is not set" in alone.json()["error"]["message"]
+
+
 def test_an_issuer_never_reached_answers_503_and_keys_still_work(
     start_service: StartService,
 ) -> None:

@@ -141,7 +141,8 @@ class AuthMiddleware:
     async def _caller(self, headers: Headers) -> ApiKey:
         presented = headers.get("x-api-key")
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
+        # Without OIDC an Authorization header beside a key is someone else's business.
+        if scheme.lower() != "bearer" or (self.bearer is None and presented is not None):
             caller = self.keyring.authenticate(presented)
             if caller is None:
                 raise self._missing
