@@ -184,7 +184,7 @@ class TaskService:
                 reserved_tokens=admitted.reserved_tokens,
             )
         finally:
-            if not created:
+            if not created and admitted.reserved_tokens is not None:
                 await asyncio.shield(
                     self.quota.settle(
                         owner, admitted.task_id, admitted.reserved_tokens, result=None
@@ -572,9 +572,12 @@ class TaskService:
         try:
             await self._store_outcome(task, outcome, expect=expect, partial=partial)
         finally:  # the call was made: its reservation settles whether or not the row took it
-            await asyncio.shield(
-                self.quota.settle(task.owner, task.id, task.reserved_tokens, result=outcome.result)
-            )
+            if task.reserved_tokens is not None:  # a shield is a task of its own: only if needed
+                await asyncio.shield(
+                    self.quota.settle(
+                        task.owner, task.id, task.reserved_tokens, result=outcome.result
+                    )
+                )
 
     async def _store_outcome(
         self, task: Task, outcome: _Outcome, *, expect: TaskStatus | None, partial: str | None
