@@ -62,7 +62,9 @@ def check_settings(settings: Settings) -> None:
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
     """Database, limiter, provider, agent, runner and task service; closed in reverse on exit.
     Nothing here connects yet: a Redis or database that is away fails requests, not startup."""
-    database = Database(settings.database_url.get_secret_value())
+    database = Database(
+        settings.database_url.get_secret_value(), pool_size=settings.database_pool_size
+    )
     telemetry.instrument_engines(database.engines)
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     limiter = RateLimiter(

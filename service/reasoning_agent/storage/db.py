@@ -37,10 +37,14 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def create_engine(url: str, **options: Any) -> AsyncEngine:
-    """An engine; SQLite gets WAL and a busy timeout so several workers can write at once."""
+def create_engine(url: str, *, pool_size: int | None = None, **options: Any) -> AsyncEngine:
+    """An engine; SQLite gets WAL and a busy timeout so several workers can write at once.
+    PostgreSQL keeps `pool_size` connections open, so a busy worker does not connect and
+    disconnect for each request past the pool."""
     target = async_url(url)
     if target.get_backend_name() != "sqlite":
+        if pool_size is not None:
+            options |= {"pool_size": pool_size, "max_overflow": pool_size}
         return create_async_engine(target, pool_pre_ping=True, **options)
     if target.database and target.database != ":memory:":
         Path(target.database).parent.mkdir(parents=True, exist_ok=True)
@@ -59,8 +63,8 @@ class Database:
     """The engine and its sessions for everything, plus `write()` for the short write
     transactions every task makes, taken the cheapest way the database allows."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
+    def __init__(self, url: str, *, pool_size: int | None = None) -> None:
+        self.engine = create_engine(url, pool_size=pool_size)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._sqlite = (
             SQLiteWrites(self.engine.url) if self.engine.dialect.name == "sqlite" else None
