@@ -103,14 +103,17 @@ def test_migrate_creates_the_schema_and_needs_no_api_key(tmp_path: Path) -> None
     assert version == (ScriptDirectory.from_config(config).get_current_head(),)
 
 
-def test_migrate_wait_retries_then_fails_visibly() -> None:
+@pytest.mark.parametrize("step", ["migrate", "serve"])
+def test_migrate_wait_retries_then_fails_visibly(step: str) -> None:
     env = {
         "PATH": os.environ["PATH"],
         "DATABASE_URL": f"postgresql://u:pw-42@127.0.0.1:{free_port()}/x",
+        "API_KEYS": "alice-key-0123456789abcdef",
+        "LLM_PROVIDER": "mock",
     }
     started = time.monotonic()
     result = subprocess.run(
-        [*command(), "migrate", "--wait", "3"],
+        [*command(), step, "--wait", "3"],
         env=env,
         capture_output=True,
         text=True,

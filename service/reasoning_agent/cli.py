@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--no-migrate", action="store_true", help="do not apply migrations before serving"
     )
+    serve.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="keep trying this long while the database is not reachable yet",
+    )
     work = commands.add_parser("worker", help="run background tasks from the Redis queue (arq)")
     work.add_argument(
         "--check",
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings()
             check_settings(settings)
             if not args.no_migrate:
-                server.migrate(settings)
+                server.migrate(settings, wait_s=args.wait)
             server.recover(settings)
             server.serve(settings, reload=args.reload)
     except ConfigError as exc:
