@@ -386,6 +386,17 @@ def script_for(contender: Contender) -> str:
     return str(path)
 
 
+def load(contender: Contender, *, connections: int, seconds: float) -> dict[str, float]:
+    """wrk against a contender's own endpoint, with its own request."""
+    return wrk(
+        contender.base_url + contender.path,
+        connections=connections,
+        seconds=seconds,
+        key=contender.key,
+        script=script_for(contender),
+    )
+
+
 def worker_pids(process: subprocess.Popen[bytes]) -> list[int]:
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
     return [int(p) for p in children.read_text().split()] if children.exists() else []
@@ -512,7 +523,7 @@ def latency_and_throughput(tmp: Path, upstream: str, args: argparse.Namespace) -
         if not args.no_litellm and litellm_available():
             contenders.append(start_litellm(tmp, upstream, 1))
         for c in contenders:  # warm: connections, caches, first-call imports
-            wrk(c.base_url + c.path, connections=16, seconds=2, key=c.key, script=script_for(c))
+            load(c, connections=16, seconds=2)
         base = [
             wrk(
                 f"{upstream}/v1/chat/completions",
@@ -528,15 +539,7 @@ def latency_and_throughput(tmp: Path, upstream: str, args: argparse.Namespace) -
         for r in range(args.rounds):
             for connections, runs in ((1, one), (16, sixteen)):
                 for c in contenders:
-                    runs[c.name].append(
-                        wrk(
-                            c.base_url + c.path,
-                            connections=connections,
-                            seconds=args.seconds,
-                            key=c.key,
-                            script=script_for(c),
-                        )
-                    )
+                    runs[c.name].append(load(c, connections=connections, seconds=args.seconds))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     finally:
         for c in contenders:
@@ -578,18 +581,10 @@ def production_path(tmp: Path, upstream: str, args: argparse.Namespace) -> dict:
     runs: dict[str, list] = {c.name: [] for c in contenders}
     try:
         for c in contenders:
-            wrk(c.base_url + c.path, connections=32, seconds=2, key=c.key, script=script_for(c))
+            load(c, connections=32, seconds=2)
         for r in range(args.rounds):
             for c in contenders:
-                runs[c.name].append(
-                    wrk(
-                        c.base_url + c.path,
-                        connections=32,
-                        seconds=args.seconds,
-                        key=c.key,
-                        script=script_for(c),
-                    )
-                )
+                runs[c.name].append(load(c, connections=32, seconds=args.seconds))
             print(f"production path round {r + 1}/{args.rounds} done", flush=True)
     finally:
         for c in contenders:
