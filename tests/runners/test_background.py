@@ -151,6 +151,12 @@ def test_arq_workers_run_tasks_and_a_killed_worker_is_retried(
         fake_llm.default_delay = 1.5
         doomed = client.post("/task", json={"prompt": "outlive the worker", "mode": "async"}).json()
         wait_for(client, doomed["id"], {"running"})
+        deadline = time.monotonic() + 10
+        while "outlive the worker" not in [
+            r.body["messages"][-1]["content"] for r in fake_llm.requests
+        ]:
+            assert time.monotonic() < deadline, "the worker never called the upstream"
+            time.sleep(0.05)  # killed after its call is out, not between its claim and the call
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
         fake_llm.default_delay = 0.0
