@@ -14,6 +14,7 @@ class Event:
     id: int
     kind: str
     data: dict
+    at: float = 0.0  # seconds since the request, when it was read
 
 
 @dataclass
@@ -46,7 +47,14 @@ def read_stream(
                 name, _, value = line.partition(":")
                 fields[name] = value.removeprefix(" ")
             elif fields:
-                events.append(Event(int(fields["id"]), fields["event"], json.loads(fields["data"])))
+                events.append(
+                    Event(
+                        int(fields["id"]),
+                        fields["event"],
+                        json.loads(fields["data"]),
+                        time.monotonic() - started,
+                    )
+                )
                 fields = {}
                 if stop_after is not None and len(events) >= stop_after:
                     break
