@@ -80,7 +80,6 @@ class KeySet:
         self._tried_at: float | None = None  # the last fetch, whatever came of it
         self._failed = False
         self._lock = asyncio.Lock()
-        self.fetches = 0
 
     async def key(self, kid: str | None) -> PyJWK:
         """The key that signed a token with this `kid`."""
@@ -108,7 +107,6 @@ class KeySet:
             if self._tried_at is not None and now - self._tried_at < self._cooldown_s:
                 return  # asked lately (perhaps by the request that held the lock)
             self._tried_at = now
-            self.fetches += 1
             try:
                 keys = await asyncio.to_thread(self._fetch_now)
             except Exception as exc:
