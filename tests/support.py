@@ -361,8 +361,10 @@ class OwnPostgres:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         subprocess.run([*prefix, *command], check=check, capture_output=True, timeout=60)
 
-    def start(self) -> OwnPostgres:
+    def start(self, *settings: str) -> OwnPostgres:
+        """Start the server, with `settings` (`name=value`) on top of the test's own."""
         options = f"-p {self.port} -k {self._data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {setting}" for setting in settings)
         self._as_postgres(
             str(self._bin / "pg_ctl"),
             "-D",

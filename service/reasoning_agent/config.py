@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
     rate_limit_on_store_error: Literal["local", "allow", "deny"] = "local"
     database_url: SecretStr = SecretStr("sqlite:///./reasoning_agent.db")
-    # PostgreSQL connections each worker keeps open (as many again may open under a burst).
+    # PostgreSQL connections each worker keeps at most for task writes, and as many for the rest.
     database_pool_size: int = Field(20, ge=1, le=500)
     llm_provider: str = "openai"
     openai_api_key: SecretStr | None = None

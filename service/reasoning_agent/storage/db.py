@@ -7,9 +7,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import URL, Engine, Executable, event, make_url, text
+from sqlalchemy import URL, Engine, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.sql.dml import UpdateBase
 
+from reasoning_agent.storage.postgres_writes import PostgresWrites
 from reasoning_agent.storage.sqlite_writes import SQLiteWrites, sqlite_pragmas
 
 __all__ = [
@@ -39,12 +41,12 @@ def display_url(url: str) -> str:
 
 def create_engine(url: str, *, pool_size: int | None = None, **options: Any) -> AsyncEngine:
     """An engine; SQLite gets WAL and a busy timeout so several workers can write at once.
-    PostgreSQL keeps `pool_size` connections open, so a busy worker does not connect and
-    disconnect for each request past the pool."""
+    PostgreSQL keeps up to `pool_size` connections open, so a busy worker does not connect
+    and disconnect for each request past the pool."""
     target = async_url(url)
     if target.get_backend_name() != "sqlite":
         if pool_size is not None:
-            options |= {"pool_size": pool_size, "max_overflow": pool_size}
+            options |= {"pool_size": pool_size, "max_overflow": 0}
         return create_async_engine(target, pool_pre_ping=True, **options)
     if target.database and target.database != ":memory:":
         Path(target.database).parent.mkdir(parents=True, exist_ok=True)
@@ -61,13 +63,21 @@ async def ping(engine: AsyncEngine) -> None:
 
 class Database:
     """The engine and its sessions for everything, plus `write()` for the short write
-    transactions every task makes, taken the cheapest way the database allows."""
+    transactions every task makes, taken the cheapest way the database allows. On
+    PostgreSQL a worker keeps up to `pool_size` connections for those writes and as many
+    for everything else."""
+
+    DEFAULT_POOL_SIZE = 20
 
     def __init__(self, url: str, *, pool_size: int | None = None) -> None:
         self.engine = create_engine(url, pool_size=pool_size)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._sqlite = (
-            SQLiteWrites(self.engine.url) if self.engine.dialect.name == "sqlite" else None
+        sqlite = self.engine.dialect.name == "sqlite"
+        self._sqlite = SQLiteWrites(self.engine.url) if sqlite else None
+        self._postgres = (
+            None
+            if sqlite
+            else PostgresWrites(self.engine, pool_size=pool_size or self.DEFAULT_POOL_SIZE)
         )
 
     @property
@@ -75,17 +85,18 @@ class Database:
         """Every sync engine underneath, for instrumentation."""
         return [self.engine.sync_engine, *(self._sqlite.engines if self._sqlite else [])]
 
-    async def write(self, statement: Executable, params: dict[str, Any]) -> int:
+    async def write(self, statement: UpdateBase, params: dict[str, Any]) -> int:
         """Run one statement in its own transaction and commit; the number of rows it matched."""
         if self._sqlite is not None:
             return await self._sqlite.write(statement, params)
-        async with self.engine.begin() as connection:
-            result = await connection.execute(statement, params)
-        return int(result.rowcount)
+        assert self._postgres is not None
+        return await self._postgres.write(statement, params)
 
     async def aclose(self) -> None:
         if self._sqlite is not None:
             self._sqlite.close()
+        if self._postgres is not None:
+            await self._postgres.aclose()
         await self.engine.dispose()
 
 

@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.dml import UpdateBase
 
 from reasoning_agent.llm.base import LLMResult
 from reasoning_agent.storage.db import Database
@@ -301,7 +302,7 @@ class TaskRepository:
                 set_committed_value(task, name, value)
         return bool(changed)
 
-    async def _write_again(self, statement: Executable, params: dict[str, Any]) -> int:
+    async def _write_again(self, statement: UpdateBase, params: dict[str, Any]) -> int:
         """Retry an outcome's write through a database that blinked: the answer it records is
         already paid for. Raises the last error after FINAL_WRITE_RETRY_S."""
         give_up, pause = time.monotonic() + FINAL_WRITE_RETRY_S, 0.1
