@@ -1,5 +1,6 @@
-"""PostgreSQL writes: a task's two writes are one statement each, and they survive the server
-closing their connections; errors come as SQLAlchemy's, without the statement's values."""
+"""PostgreSQL writes: a task's two writes are one statement each, the writes of one loop turn
+share one commit, they survive the server closing their connections, and errors come as
+SQLAlchemy's, without the statement's values."""
 
 from __future__ import annotations
 
@@ -56,22 +57,28 @@ def _run(url: str, sql: str) -> None:
     asyncio.run(run())
 
 
-def test_a_task_answered_now_costs_two_statements_and_no_transaction_control(
-    upstream: FakeOpenAI,
-) -> None:
+@pytest.fixture(scope="module")
+def counted() -> Iterator[str]:
+    """A server of the module's own that counts every statement (pg_stat_statements)."""
     postgres = OwnPostgres().start(
         "shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track_utility=on"
     )
     try:
         _run(postgres.url, "CREATE EXTENSION pg_stat_statements")
-        with running(base_env(upstream, postgres.url)) as app, app.client() as client:
-            assert client.post("/task", json={"prompt": "warm up"}).status_code == 200
-            _run(postgres.url, "SELECT pg_stat_statements_reset()")
-            for i in range(10):
-                assert client.post("/task", json={"prompt": f"task {i}"}).status_code == 200
-            statements = _statements(postgres.url)
+        yield postgres.url
     finally:
         postgres.close()
+
+
+def test_a_task_answered_now_costs_two_statements_and_no_transaction_control(
+    upstream: FakeOpenAI, counted: str
+) -> None:
+    with running(base_env(upstream, counted)) as app, app.client() as client:
+        assert client.post("/task", json={"prompt": "warm up"}).status_code == 200
+        _run(counted, "SELECT pg_stat_statements_reset()")
+        for i in range(10):
+            assert client.post("/task", json={"prompt": f"task {i}"}).status_code == 200
+        statements = _statements(counted)
     inserts = {q: n for q, n in statements.items() if q.startswith("INSERT INTO tasks")}
     updates = {q: n for q, n in statements.items() if q.startswith("UPDATE tasks SET status")}
     assert sum(inserts.values()) == 10, statements
@@ -79,6 +86,48 @@ def test_a_task_answered_now_costs_two_statements_and_no_transaction_control(
     # Neither BEGIN/COMMIT around them nor a ping before them.
     others = set(statements) - set(inserts) - set(updates)
     assert not {q for q in others if q.split()[0].upper() in ("BEGIN", "COMMIT", "SELECT")}, others
+
+
+def test_the_writes_of_one_turn_share_a_commit_and_each_keeps_its_own_outcome(
+    counted: str,
+) -> None:
+    _run(counted, "CREATE DATABASE grouped")
+    counted = counted.rsplit("/", 1)[0] + "/grouped"  # apart from the other test's tasks
+    _run(counted, "CREATE EXTENSION pg_stat_statements")
+    db.migrate(counted)
+
+    async def run() -> tuple[dict[str, int], list[Any], list[str]]:
+        database = db.Database(counted)
+        repository = TaskRepository(database)
+        try:
+            _, first = await _create(repository, task_id="first")
+            await asyncio.to_thread(_run, counted, "SELECT pg_stat_statements_reset()")
+            together = await asyncio.gather(
+                *(_create(repository, task_id=f"together-{i}") for i in range(8))
+            )
+            statements = await asyncio.to_thread(_statements, counted)
+            # One of a turn's writes refused: only that one fails.
+            outcomes = await asyncio.gather(
+                *(_create(repository, task_id=f"next-{i}") for i in range(3)),
+                _create(repository, task_id="first"),
+                return_exceptions=True,
+            )
+            stored = [row[0] for row in await asyncio.to_thread(_ids, counted)]
+            return statements, [first, *(c for _, c in together), *outcomes], stored
+        finally:
+            await database.aclose()
+
+    statements, outcomes, stored = asyncio.run(run())
+    assert statements.get("BEGIN") == 1, statements
+    assert statements.get("COMMIT") == 1, statements
+    inserts = sum(n for q, n in statements.items() if q.startswith("INSERT INTO tasks"))
+    assert inserts == 8, statements
+    assert outcomes[:9] == [True] * 9
+    assert [created for _, created in outcomes[9:12]] == [True] * 3
+    assert isinstance(outcomes[12], IntegrityError), outcomes[12]
+    assert sorted(stored) == sorted(
+        ["first", *(f"together-{i}" for i in range(8)), *(f"next-{i}" for i in range(3))]
+    )
 
 
 def test_writes_go_on_after_the_server_closed_their_connections(url: str) -> None:
@@ -104,35 +153,47 @@ def test_writes_go_on_after_the_server_closed_their_connections(url: str) -> Non
     assert asyncio.run(run()) >= 1
 
 
-def test_errors_are_sqlalchemys_and_never_show_the_values(url: str) -> None:
-    def create(repository: TaskRepository, **values: Any) -> Any:
-        return repository.create(
-            **{
-                "owner": "alice",
-                "prompt": "a secret prompt",
-                "system": None,
-                "model": "fake-model",
-                "temperature": None,
-                "max_tokens": None,
-                "metadata": {},
-                "digest": "d",
-                "idempotency_key": None,
-                "trace_id": None,
-                "store_text": True,
-                "status": TaskStatus.PENDING,
-                **values,
-            }
-        )
+def _create(repository: TaskRepository, **values: Any) -> Any:
+    return repository.create(
+        **{
+            "owner": "alice",
+            "prompt": "a secret prompt",
+            "system": None,
+            "model": "fake-model",
+            "temperature": None,
+            "max_tokens": None,
+            "metadata": {},
+            "digest": "d",
+            "idempotency_key": None,
+            "trace_id": None,
+            "store_text": True,
+            "status": TaskStatus.PENDING,
+            **values,
+        }
+    )
 
+
+def _ids(url: str) -> list[Any]:
+    async def read() -> list[Any]:
+        connection = await asyncpg.connect(url)
+        try:
+            return list(await connection.fetch("SELECT id FROM tasks"))
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
+
+
+def test_errors_are_sqlalchemys_and_never_show_the_values(url: str) -> None:
     async def run() -> list[Exception]:
         database = db.Database(url)
         repository = TaskRepository(database)
         try:
-            await create(repository, task_id="t1")
+            await _create(repository, task_id="t1")
             with pytest.raises(IntegrityError) as duplicate:
-                await create(repository, task_id="t1")
+                await _create(repository, task_id="t1")
             with pytest.raises(DatabaseError) as refused:  # an owner is 64 characters at most
-                await create(repository, task_id="t2", owner="x" * 65)
+                await _create(repository, task_id="t2", owner="x" * 65)
             return [duplicate.value, refused.value]
         finally:
             await database.aclose()

@@ -52,10 +52,29 @@ class _Compiled:
         ]
 
 
+@dataclass(slots=True)
+class _Write:
+    """One caller's statement, waiting for the commit that makes it durable."""
+
+    compiled: _Compiled
+    arguments: list[Any]
+    done: asyncio.Future[int]
+
+    def settle(self, outcome: int | BaseException) -> None:
+        if self.done.done():  # its caller was cancelled meanwhile
+            return
+        if isinstance(outcome, BaseException):
+            self.done.set_exception(outcome)
+        else:
+            self.done.set_result(outcome)
+
+
 class PostgresWrites:
-    """The writes every task makes (its row, then its outcome), one round trip each: a single
-    statement in autocommit on a pooled asyncpg connection, where a SQLAlchemy transaction
-    takes four (pre-ping, BEGIN, the statement, COMMIT) and more CPU than the SQL itself.
+    """The writes every task makes (its row, then its outcome), in as few round trips and
+    commits as they can be: the writes of one event-loop turn are committed together, each
+    caller answered once that commit is durable; a write alone is one autocommit statement.
+    A SQLAlchemy transaction took four round trips per write (pre-ping, BEGIN, the statement,
+    COMMIT) and more CPU than the SQL itself, and every commit waits for its own WAL flush.
 
     asyncpg's pool replaces a connection the server closed (a restart, a failover), which is
     what the pre-ping was for. Errors are SQLAlchemy's, as from every other query, and never
@@ -71,27 +90,67 @@ class PostgresWrites:
         self._pool: asyncpg.Pool | None = None
         self._starting = asyncio.Lock()
         self._compiled: dict[tuple[UpdateBase, tuple[str, ...]], _Compiled] = {}
+        self._turn: list[_Write] = []  # this loop turn's writes, not yet sent
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def write(self, statement: UpdateBase, params: dict[str, Any]) -> int:
         """Run one statement and commit it; the number of rows it matched."""
         compiled = self._compile(statement, tuple(params))
-        arguments = compiled.arguments(params)
+        loop = asyncio.get_running_loop()
+        write = _Write(compiled, compiled.arguments(params), loop.create_future())
+        self._turn.append(write)
+        if len(self._turn) == 1:  # the turn's first: the rest of the turn's join it
+            loop.call_soon(self._flush)
         with telemetry.span(compiled.sql.split(None, 1)[0], kind=SpanKind.CLIENT) as span:
             if span.is_recording():
                 span.set_attributes({"db.system": "postgresql", "db.statement": compiled.sql})
-            try:
-                pool = await self._started()
-                async with pool.acquire(timeout=self.ACQUIRE_TIMEOUT_S) as connection:
-                    status = await connection.execute(compiled.sql, *arguments)
-            except TimeoutError as exc:
-                raise PoolTimeout(f"no connection within {self.ACQUIRE_TIMEOUT_S} s") from exc
-            except asyncpg.IntegrityConstraintViolationError as exc:
-                raise IntegrityError(compiled.sql, None, exc) from exc
-            except _UNAVAILABLE as exc:
-                raise OperationalError(compiled.sql, None, exc) from exc
-            except asyncpg.PostgresError as exc:
-                raise DatabaseError(compiled.sql, None, exc) from exc
-        return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 1", "UPDATE 1"
+            return await write.done
+
+    def _flush(self) -> None:
+        writes, self._turn = self._turn, []
+        flushing = asyncio.create_task(
+            self._commit(writes) if len(writes) > 1 else self._alone(writes[0])
+        )
+        self._flushing.add(flushing)
+        flushing.add_done_callback(self._flushing.discard)
+
+    async def _commit(self, writes: list[_Write]) -> None:
+        """The writes in one transaction; if it fails, each alone, so that only the ones the
+        database refuses fail, each with its own error."""
+        try:
+            pool = await self._started()
+            acquired = pool.acquire(timeout=self.ACQUIRE_TIMEOUT_S)
+            async with acquired as connection, connection.transaction():
+                matched = [await connection.execute(w.compiled.sql, *w.arguments) for w in writes]
+        except Exception:
+            await asyncio.gather(*(self._alone(w) for w in writes))
+            return
+        except BaseException:
+            for w in writes:
+                w.done.cancel()
+            raise
+        for w, status in zip(writes, matched, strict=True):
+            w.settle(_rows(status))
+
+    async def _alone(self, write: _Write) -> None:
+        sql = write.compiled.sql
+        try:
+            pool = await self._started()
+            async with pool.acquire(timeout=self.ACQUIRE_TIMEOUT_S) as connection:
+                status = await connection.execute(sql, *write.arguments)
+        except TimeoutError:
+            write.settle(PoolTimeout(f"no connection within {self.ACQUIRE_TIMEOUT_S} s"))
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            write.settle(IntegrityError(sql, None, exc))
+        except _UNAVAILABLE as exc:
+            write.settle(OperationalError(sql, None, exc))
+        except asyncpg.PostgresError as exc:
+            write.settle(DatabaseError(sql, None, exc))
+        except BaseException:
+            write.done.cancel()
+            raise
+        else:
+            write.settle(_rows(status))
 
     async def _started(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -125,11 +184,18 @@ class PostgresWrites:
         return compiled
 
     async def aclose(self) -> None:
+        if self._flushing:
+            await asyncio.wait(self._flushing, timeout=5)
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), timeout=5)
             except TimeoutError:
                 self._pool.terminate()
+
+
+def _rows(status: str) -> int:
+    """The rows a statement matched, from its status: "INSERT 0 1", "UPDATE 1"."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def _nothing_to_reset(_connection: asyncpg.Connection) -> None:
