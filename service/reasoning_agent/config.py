@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     mock_stream_delay_ms: float = Field(20.0, ge=0, le=10_000)
     llm_timeout_s: float = Field(60.0, gt=0, le=3600)
     llm_max_response_bytes: int = Field(8 * 2**20, ge=1024)
+    # Upstream calls in flight per worker, each on a connection of its own (HTTP/1.1).
+    llm_max_connections: int = Field(10_000, ge=1, le=1_000_000)
     max_prompt_chars: int = Field(32_000, ge=1, le=10_000_000)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     store_prompts: bool = True

@@ -287,3 +287,31 @@ def test_reasoning_text_and_tokens_are_kept_apart_from_the_answer(
     with service.client() as client:  # alice reads /metrics
         metrics = client.get("/metrics").text
     assert 'reasoning_agent_llm_tokens_total{direction="reasoning",key="alice"} 25.0' in metrics
+
+
+@pytest.mark.parametrize("limit", [2, 4])
+def test_calls_past_the_connection_limit_wait_for_one_to_end(
+    fake_llm: FakeOpenAI, limit: int
+) -> None:
+    fake_llm.default_delay = 0.5
+    provider = OpenAIProvider(
+        api_key=OPENAI_KEY,
+        base_url=fake_llm.base_url,
+        model="gpt-test",
+        max_attempts=1,
+        max_connections=limit,
+    )
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+
+    async def main() -> None:
+        try:
+            deadline = time.monotonic() + 10
+            await asyncio.gather(*(provider.complete(request, deadline=deadline) for _ in range(4)))
+        finally:
+            await provider.aclose()
+
+    asyncio.run(main())
+    arrived = sorted(r.at - fake_llm.requests[0].at for r in fake_llm.requests)
+    assert len(arrived) == 4
+    assert max(arrived[:limit]) < 0.3, arrived  # all within the limit at once
+    assert all(t >= 0.4 for t in arrived[limit:]), arrived  # the rest after one ended

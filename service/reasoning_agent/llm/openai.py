@@ -243,6 +243,7 @@ class OpenAIProvider:
         model: str,
         max_attempts: int,
         max_response_bytes: int = 8 * 2**20,
+        max_connections: int = 10_000,
     ) -> None:
         self.default_model = model
         self._max_attempts = max_attempts
@@ -253,8 +254,11 @@ class OpenAIProvider:
                 api_key=api_key,
                 base_url=base_url,
                 max_retries=0,
-                # aiohttp's C parser costs less CPU a call than the default transport.
-                http_client=openai.DefaultAioHttpClient(),
+                # aiohttp's C parser costs less CPU a call than the default transport; a
+                # call past the connection limit would wait for another to end.
+                http_client=openai.DefaultAioHttpClient(
+                    limits=httpx2.Limits(max_connections=max_connections)
+                ),
             )
 
     def unconfigured_reason(self) -> str | None:
@@ -518,4 +522,5 @@ def from_settings(settings: Settings) -> OpenAIProvider:
         model=settings.openai_model,
         max_attempts=settings.llm_max_attempts,
         max_response_bytes=settings.llm_max_response_bytes,
+        max_connections=settings.llm_max_connections,
     )
