@@ -25,9 +25,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -430,6 +431,60 @@ def thousand_at_once(contender: Contender, tmp: Path, n: int = 1000) -> dict[str
     return {"wall_s": wall, "errors": n - int(codes.group(1))}
 
 
+def open_files(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0
+
+
+def most_files_open(pids: list[int], during: Callable[[], dict]) -> tuple[dict, int]:
+    """What `during()` returns, and the most files one of `pids` held open meanwhile (sampled
+    every 0.2 s)."""
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.2):
+            peak = max([peak, *(open_files(pid) for pid in pids)])
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return during(), peak
+    finally:
+        done.set()
+        sampler.join()
+
+
+def ten_thousand(tmp: Path) -> dict:
+    """Scenario 7: 10,000 requests at once against a 10 s upstream, two workers per contender,
+    one burst each: every one answered, the wall time, and per worker the peak RSS and the
+    most files open at once (sampled every 0.2 s)."""
+    slow, slow_process = start_upstream(tmp, delay_ms=10_000)
+    rows = {}
+    try:
+        for starter in (start_service, start_passthrough):
+            contender = starter(tmp, slow, 2)
+            try:
+                thousand_at_once(contender, tmp, n=100)  # warm: imports, caches
+                workers = worker_pids(contender.process)
+                burst, files = most_files_open(
+                    workers, lambda c=contender: thousand_at_once(c, tmp, n=10_000)
+                )
+                rows[contender.name] = {
+                    **burst,
+                    "peak_rss_mb_per_worker": max(peak_rss_mb(p) for p in workers),
+                    "peak_open_files_per_worker": files,
+                }
+            finally:
+                contender.stop()
+    finally:
+        stop(slow_process)
+    return rows
+
+
 def seed_tasks(db_path: Path, total: int, mine: int) -> None:
     """Bulk rows through the model's own table: `mine` for alice, the rest spread over 50
     other keys."""
@@ -658,7 +713,7 @@ def query_latency(tmp: Path, upstream: str, args: argparse.Namespace) -> dict:
     }
 
 
-SCENARIOS = ("latency", "production", "thousand", "query", "limit", "stream")
+SCENARIOS = ("latency", "production", "thousand", "query", "limit", "stream", "ten_thousand")
 
 
 def main() -> None:
@@ -672,7 +727,7 @@ def main() -> None:
         "--only",
         default=",".join(SCENARIOS),
         help="comma-separated: latency (1 and 2), production, thousand (3), query (4), "
-        "limit (5), stream (6)",
+        "limit (5), stream (6), ten_thousand (7)",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -709,6 +764,8 @@ def main() -> None:
             scenarios["rate_limit_decision"] = asyncio.run(limiter_decisions())
         if "stream" in only:
             scenarios.update(streaming.streaming(tmp, args, run=sys.modules[__name__]))
+        if "ten_thousand" in only:
+            scenarios["ten_thousand_10s_upstream"] = ten_thousand(tmp)
     finally:
         stop(up)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -809,6 +866,18 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {name} | {row['rps']:.0f} | {each} | {row['p99_ms']:.2f} | "
                 f"{row['errors']:.0f} | {row['rps'] / floor:.2f}x |"
+            )
+    if "ten_thousand_10s_upstream" in s:
+        lines += [
+            "",
+            "| 10,000 at once, 10 s upstream, 2 workers | wall (s) | errors | "
+            "peak RSS per worker (MB) | peak open files per worker |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in s["ten_thousand_10s_upstream"].items():
+            lines.append(
+                f"| {name} | {row['wall_s']:.2f} | {row['errors']:.0f} | "
+                f"{row['peak_rss_mb_per_worker']:.0f} | {row['peak_open_files_per_worker']} |"
             )
     if "query_latency" in s:
         q = s["query_latency"]
