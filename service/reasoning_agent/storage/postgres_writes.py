@@ -1,4 +1,4 @@
-"""Short write transactions on PostgreSQL: one statement each, in autocommit, on asyncpg."""
+"""Short write transactions on PostgreSQL, straight on asyncpg: one commit per loop turn."""
 
 from __future__ import annotations
 
