@@ -5,11 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 # Most tests wait on servers, not the CPU: two at once, whole modules each, so a module's
-# service starts once.
+# service starts once and the image tests' Docker engine runs in one worker.
 PARALLEL ?= -n 2 --dist loadfile
-IMAGE_TESTS := tests/deploy/test_image.py
 
-.PHONY: install tools run test test-sqlite test-containers test-postgres test-cluster lint migrate manifests dashboard bench clean
+.PHONY: install tools run test test-sqlite test-postgres test-cluster lint migrate manifests dashboard bench clean
 
 install: $(STAMP)
 
@@ -62,22 +61,17 @@ dashboard: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) bench/dashboard.py
 
-# The whole suite on SQLite beside the tests that take the Docker engine and the host's network
-# as a whole (the image, compose, then the chart on the real cluster), which mostly wait on
-# containers and pods; then every test that touches the database again, on PostgreSQL.
-test:
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-sqlite test-containers
-	@$(MAKE) --no-print-directory test-postgres
+# The whole suite on SQLite; then, side by side, every test that touches the database again on
+# PostgreSQL and the chart on the real cluster (which mostly waits on pods, and needs neither).
+test: test-sqlite
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-postgres test-cluster
 
 test-sqlite: install tools
-	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PARALLEL) --ignore=tests/cluster --ignore=$(IMAGE_TESTS) $(PYTEST_ARGS)
+	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PARALLEL) --ignore=tests/cluster $(PYTEST_ARGS)
 
-# The image and docker-compose tests, then the chart on the real single-node Kubernetes of
-# ../shared/k8s, one after the other: each takes the Docker engine.
-test-containers: install tools
-	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(IMAGE_TESTS) tests/cluster $(PYTEST_ARGS)
-
-# The chart on the real cluster alone. Skips where the kit or root is missing; fails in CI.
+# The chart on the real single-node Kubernetes of ../shared/k8s, apart from the image tests: it
+# takes the Docker engine and the host's network as a whole. Skips where the kit or root is
+# missing; fails in CI.
 test-cluster: install tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 

@@ -2,8 +2,8 @@
 kubelet with containerd, kube-proxy, CoreDNS, Helm 4): what a new user and then an operator do,
 step by step. The tests run in file order and share one cluster and one release.
 
-`make test` runs this module after the image tests, not beside them (it uses the Docker engine
-and the host's network as a whole), and beside the SQLite pass. With RA_TEST_KUBECONFIG it runs
+`make test-cluster` runs this module apart from the image tests (it uses the Docker engine and
+the host's network as a whole), beside the PostgreSQL pass. With RA_TEST_KUBECONFIG it runs
 against that cluster instead (CI's kind job), whose nodes already hold the app's images.
 """
 
