@@ -47,10 +47,11 @@ def estimate_tokens(prompt: str, system: str | None, max_tokens: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A task let through: its id (its reservation's too), the output limit to send, the
-    tokens reserved for it, and what the limit headers report."""
+    """A task let through: its id (its reservation's too), the model it may use, the output
+    limit to send, the tokens reserved for it, and what the limit headers report."""
 
     task_id: str
+    model: str
     max_tokens: int | None
     reserved_tokens: int | None
     headers: dict[str, str] = field(default_factory=dict)
@@ -103,7 +104,7 @@ class Quota:
         admission = await self._decide("task", owner, policy.rate_limits, ask)
         if admission.reserved is not None:
             metrics.TOKENS_RESERVED.labels(owner).inc(admission.reserved)
-        return Admitted(task_id, max_tokens, admission.reserved, admission.headers)
+        return Admitted(task_id, model, max_tokens, admission.reserved, admission.headers)
 
     async def _decide(
         self, scope: Scope, owner: str, items: list[RateLimitItem], ask: TokenAsk | None

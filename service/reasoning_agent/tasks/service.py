@@ -160,7 +160,7 @@ class TaskService:
         """The stored task, whether it is new, and the digest of the request. The tokens
         reserved for a task that was not stored (an error, an earlier task with the same
         Idempotency-Key) are given back."""
-        model = body.model or self.agent.default_model
+        model = admitted.model
         digest = request_hash(body, model)
         created = False
         try:
