@@ -65,20 +65,14 @@ class Database:
     """The engine and its sessions for everything, plus `write()` for the short write
     transactions every task makes, taken the cheapest way the database allows. On
     PostgreSQL a worker keeps up to `pool_size` connections for those writes and as many
-    for everything else."""
-
-    DEFAULT_POOL_SIZE = 20
+    for everything else (without `pool_size`, each library's own default)."""
 
     def __init__(self, url: str, *, pool_size: int | None = None) -> None:
         self.engine = create_engine(url, pool_size=pool_size)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         sqlite = self.engine.dialect.name == "sqlite"
         self._sqlite = SQLiteWrites(self.engine.url) if sqlite else None
-        self._postgres = (
-            None
-            if sqlite
-            else PostgresWrites(self.engine, pool_size=pool_size or self.DEFAULT_POOL_SIZE)
-        )
+        self._postgres = None if sqlite else PostgresWrites(self.engine, pool_size=pool_size)
 
     @property
     def engines(self) -> list[Engine]:
@@ -86,7 +80,8 @@ class Database:
         return [self.engine.sync_engine, *(self._sqlite.engines if self._sqlite else [])]
 
     async def write(self, statement: UpdateBase, params: dict[str, Any]) -> int:
-        """Run one statement in its own transaction and commit; the number of rows it matched."""
+        """Run one statement and commit it (on PostgreSQL, with the others of this loop turn);
+        the number of rows it matched."""
         if self._sqlite is not None:
             return await self._sqlite.write(statement, params)
         assert self._postgres is not None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from opentelemetry.trace import SpanKind
 from sqlalchemy import Insert
 from sqlalchemy.engine.interfaces import Dialect
@@ -82,7 +84,7 @@ class PostgresWrites:
 
     ACQUIRE_TIMEOUT_S = 30.0  # as SQLAlchemy's pool_timeout
 
-    def __init__(self, engine: AsyncEngine, *, pool_size: int) -> None:
+    def __init__(self, engine: AsyncEngine, *, pool_size: int | None) -> None:
         self._dialect: Dialect = engine.dialect
         _, options = engine.dialect.create_connect_args(engine.url)
         self._connect = {k: v for k, v in options.items() if k not in _ADAPTER_OPTIONS}
@@ -118,9 +120,7 @@ class PostgresWrites:
         """The writes in one transaction; if it fails, each alone, so that only the ones the
         database refuses fail, each with its own error."""
         try:
-            pool = await self._started()
-            acquired = pool.acquire(timeout=self.ACQUIRE_TIMEOUT_S)
-            async with acquired as connection, connection.transaction():
+            async with self._connection() as connection, connection.transaction():
                 matched = [await connection.execute(w.compiled.sql, *w.arguments) for w in writes]
         except Exception:
             await asyncio.gather(*(self._alone(w) for w in writes))
@@ -135,8 +135,7 @@ class PostgresWrites:
     async def _alone(self, write: _Write) -> None:
         sql = write.compiled.sql
         try:
-            pool = await self._started()
-            async with pool.acquire(timeout=self.ACQUIRE_TIMEOUT_S) as connection:
+            async with self._connection() as connection:
                 status = await connection.execute(sql, *write.arguments)
         except TimeoutError:
             write.settle(PoolTimeout(f"no connection within {self.ACQUIRE_TIMEOUT_S} s"))
@@ -152,17 +151,18 @@ class PostgresWrites:
         else:
             write.settle(_rows(status))
 
-    async def _started(self) -> asyncpg.Pool:
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
+        """A connection of the pool, which is made on the first write."""
         if self._pool is None:
             async with self._starting:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(
-                        min_size=0,
-                        max_size=self._pool_size,
-                        reset=_nothing_to_reset,
-                        **self._connect,
-                    )
-        return self._pool
+                    options = dict(self._connect, min_size=0, reset=_nothing_to_reset)
+                    if self._pool_size is not None:
+                        options["max_size"] = self._pool_size
+                    self._pool = await asyncpg.create_pool(**options)
+        async with self._pool.acquire(timeout=self.ACQUIRE_TIMEOUT_S) as connection:
+            yield connection
 
     def _compile(self, statement: UpdateBase, names: tuple[str, ...]) -> _Compiled:
         key = (statement, names)
