@@ -1,4 +1,5 @@
-"""SQLite writes on the event loop: they never wait there for a lock, and the WAL stays bounded."""
+"""SQLite writes on the event loop: they never wait there for a lock, the WAL stays bounded,
+and errors never show the values."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from reasoning_agent.storage import db
 from reasoning_agent.storage.sqlite_writes import SQLiteWrites
 from reasoning_agent.tasks.repository import TaskRepository
+from reasoning_agent.tasks.status import TaskStatus
 from tests.support import cyclic_garbage, query, write_lock
 from tests.tasks.factories import new_task
 
@@ -123,3 +126,46 @@ def test_writes_wait_for_a_checkpoint_that_lags(url: str, monkeypatch: pytest.Mo
 
     assert asyncio.run(run()) == [(every + lag,)]
     assert query(url, "SELECT count(*) FROM tasks") == [(every + 2 * lag,)]
+
+
+async def _create(repository: TaskRepository, task_id: str) -> None:
+    await repository.create(
+        owner="alice",
+        prompt="a secret prompt",
+        system=None,
+        model="fake-model",
+        temperature=None,
+        max_tokens=None,
+        metadata={},
+        digest="d",
+        idempotency_key=None,
+        trace_id=None,
+        store_text=True,
+        status=TaskStatus.PENDING,
+        task_id=task_id,
+    )
+
+
+def test_errors_are_sqlalchemys_and_never_show_the_values(url: str) -> None:
+    """On the loop and in the thread that waits behind another writer."""
+
+    async def run() -> list[Exception]:
+        database = db.Database(url)
+        repository = TaskRepository(database)
+        try:
+            await _create(repository, "t1")
+            with pytest.raises(IntegrityError) as inline:
+                await _create(repository, "t1")
+            with write_lock(url):
+                waiting = asyncio.create_task(_create(repository, "t1"))
+                await asyncio.sleep(0.1)  # past the inline tries: the thread waits
+            with pytest.raises(IntegrityError) as behind:
+                await asyncio.wait_for(waiting, 10)
+            return [inline.value, behind.value]
+        finally:
+            await database.aclose()
+
+    errors = asyncio.run(run())
+    for error in errors:
+        assert "a secret prompt" not in str(error)
+        assert "UNIQUE constraint failed" in str(error)

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
-from opentelemetry.trace import SpanKind
-from sqlalchemy import Insert
-from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
 
-from reasoning_agent.observability import telemetry
+from reasoning_agent.storage.statements import Compiled, Statements
 
 __all__ = ["PostgresWrites"]
 
@@ -39,26 +35,11 @@ _UNAVAILABLE = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    """A statement as asyncpg takes it: SQL with $n placeholders, and how to fill them."""
-
-    sql: str
-    names: tuple[str, ...]
-    processors: tuple[Callable[[Any], Any] | None, ...]
-
-    def arguments(self, params: dict[str, Any]) -> list[Any]:
-        return [
-            params[name] if process is None else process(params[name])
-            for name, process in zip(self.names, self.processors, strict=True)
-        ]
-
-
 @dataclass(slots=True)
 class _Write:
     """One caller's statement, waiting for the commit that makes it durable."""
 
-    compiled: _Compiled
+    compiled: Compiled
     arguments: list[Any]
     done: asyncio.Future[int]
 
@@ -85,27 +66,24 @@ class PostgresWrites:
     ACQUIRE_TIMEOUT_S = 30.0  # as SQLAlchemy's pool_timeout
 
     def __init__(self, engine: AsyncEngine, *, pool_size: int | None) -> None:
-        self._dialect: Dialect = engine.dialect
+        self._statements = Statements(engine.dialect)
         _, options = engine.dialect.create_connect_args(engine.url)
         self._connect = {k: v for k, v in options.items() if k not in _ADAPTER_OPTIONS}
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._starting = asyncio.Lock()
-        self._compiled: dict[tuple[UpdateBase, tuple[str, ...]], _Compiled] = {}
         self._turn: list[_Write] = []  # this loop turn's writes, not yet sent
         self._flushing: set[asyncio.Task[None]] = set()
 
     async def write(self, statement: UpdateBase, params: dict[str, Any]) -> int:
         """Run one statement and commit it; the number of rows it matched."""
-        compiled = self._compile(statement, tuple(params))
+        compiled = self._statements.compiled(statement, tuple(params))
         loop = asyncio.get_running_loop()
         write = _Write(compiled, compiled.arguments(params), loop.create_future())
         self._turn.append(write)
         if len(self._turn) == 1:  # the turn's first: the rest of the turn's join it
             loop.call_soon(self._flush)
-        with telemetry.span(compiled.sql.split(None, 1)[0], kind=SpanKind.CLIENT) as span:
-            if span.is_recording():
-                span.set_attributes({"db.system": "postgresql", "db.statement": compiled.sql})
+        with compiled.span("postgresql"):
             return await write.done
 
     def _flush(self) -> None:
@@ -163,25 +141,6 @@ class PostgresWrites:
                     self._pool = await asyncpg.create_pool(**options)
         async with self._pool.acquire(timeout=self.ACQUIRE_TIMEOUT_S) as connection:
             yield connection
-
-    def _compile(self, statement: UpdateBase, names: tuple[str, ...]) -> _Compiled:
-        key = (statement, names)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            # An INSERT without values takes its columns from the parameters.
-            keys = list(names) if isinstance(statement, Insert) else None
-            sql = statement.compile(dialect=self._dialect, column_keys=keys)
-            assert isinstance(sql, SQLCompiler)
-            order: Sequence[str] = sql.positiontup or ()
-            missing = set(order) - set(names)
-            if missing:
-                raise ValueError(f"no value for {', '.join(sorted(missing))}")
-            processors = tuple(
-                sql.binds[name].type.dialect_impl(self._dialect).bind_processor(self._dialect)
-                for name in order
-            )
-            compiled = self._compiled[key] = _Compiled(sql.string, tuple(order), processors)
-        return compiled
 
     async def aclose(self) -> None:
         if self._flushing:

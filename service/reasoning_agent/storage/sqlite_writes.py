@@ -9,11 +9,14 @@ import logging
 import sqlite3
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy
-from sqlalchemy import URL, Connection, Engine, Executable, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import URL, Engine, PoolProxiedConnection, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.dml import UpdateBase
+
+from reasoning_agent.storage.statements import Statements
 
 __all__ = ["SQLiteWrites", "sqlite_pragmas"]
 
@@ -38,7 +41,8 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 class SQLiteWrites:
     """Short write transactions on SQLite without aiosqlite's two thread hand-offs per DBAPI
-    call, which cost more CPU than the SQL itself.
+    call or SQLAlchemy's execution path (each costs more CPU than the SQL itself): statements
+    compiled once, run on the driver's connection; errors are SQLAlchemy's, without the values.
 
     A write runs right here on the event loop with busy_timeout=0: it takes the write lock at
     once and commits without an fsync (WAL with synchronous=NORMAL), or
@@ -66,7 +70,10 @@ class SQLiteWrites:
         self._waiting = sqlalchemy.create_engine(url, connect_args={**args, "timeout": 30})
         event.listen(self._waiting, "connect", sqlite_pragmas)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        self._connection: Connection | None = None  # the loop's, kept open: no pool round trip
+        self._statements = Statements(self._inline.dialect)
+        # The loop's connection, kept checked out: no pool round trip.
+        self._checked_out: PoolProxiedConnection | None = None
+        self._connection: sqlite3.Connection | None = None
         self._writes = 0
         self._checkpoint: Future[None] | None = None
         self._checkpoint_began = 0  # at which write
@@ -75,7 +82,13 @@ class SQLiteWrites:
     def engines(self) -> list[Engine]:
         return [self._inline, self._waiting]
 
-    async def write(self, statement: Executable, params: dict[str, Any]) -> int:
+    async def write(self, statement: UpdateBase, params: dict[str, Any]) -> int:
+        compiled = self._statements.compiled(statement, tuple(params))
+        arguments = compiled.arguments(params)
+        with compiled.span("sqlite"):
+            return await self._write(compiled.sql, arguments)
+
+    async def _write(self, sql: str, arguments: list[Any]) -> int:
         self._writes += 1
         if self._writes % self.CHECKPOINT_EVERY == 0:
             self._checkpoint_soon()
@@ -83,41 +96,54 @@ class SQLiteWrites:
             assert self._checkpoint is not None
             # asyncio.wait: a failed checkpoint is logged, not raised into this write.
             await asyncio.wait([asyncio.wrap_future(self._checkpoint)])
-        changed = self._try_inline(statement, params)
+        changed = self._try_inline(sql, arguments)
         for pause in self.RETRY_PAUSES_S:
             if changed is not None:
                 return changed
             await asyncio.sleep(pause)
-            changed = self._try_inline(statement, params)
+            changed = self._try_inline(sql, arguments)
         if changed is not None:
             return changed
         # The copied context carries the caller's trace into the thread.
-        call = functools.partial(contextvars.copy_context().run, self._wait, statement, params)
+        call = functools.partial(contextvars.copy_context().run, self._wait, sql, arguments)
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
-    def _try_inline(self, statement: Executable, params: dict[str, Any]) -> int | None:
+    def _try_inline(self, sql: str, arguments: list[Any]) -> int | None:
         """Rows matched, or None if another connection holds the write lock."""
         if self._connection is None:
-            self._connection = self._inline.connect()
+            self._checked_out = self._inline.raw_connection()
+            self._connection = cast(sqlite3.Connection, self._checked_out.driver_connection)
+        connection = self._connection
         try:
-            changed = self._connection.execute(statement, params).rowcount
-            self._connection.commit()
+            changed = connection.execute(sql, arguments).rowcount
+            connection.commit()
             return int(changed)
-        except OperationalError as exc:
-            self._connection.rollback()
-            if getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+        except sqlite3.OperationalError as exc:
+            connection.rollback()
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
                 # The traceback's frames and the error hold each other: a cycle for the
                 # collector, made whenever two workers write at once, unless cleared.
                 traceback.clear_frames(exc.__traceback__)
                 return None
-            raise
+            raise _translated(sql, exc) from None
+        except sqlite3.Error as exc:
+            connection.rollback()
+            raise _translated(sql, exc) from None
         except BaseException:
-            self._connection.rollback()
+            connection.rollback()
             raise
 
-    def _wait(self, statement: Executable, params: dict[str, Any]) -> int:
-        with self._waiting.begin() as connection:
-            return int(connection.execute(statement, params).rowcount)
+    def _wait(self, sql: str, arguments: list[Any]) -> int:
+        connection = self._waiting.raw_connection()
+        try:
+            changed = connection.execute(sql, arguments).rowcount
+            connection.commit()
+            return int(changed)
+        except sqlite3.Error as exc:
+            connection.rollback()
+            raise _translated(sql, exc) from None
+        finally:
+            connection.close()  # back to the pool
 
     def _checkpoint_soon(self) -> None:
         # The thread's own future: an asyncio one is marked done only when the loop next
@@ -152,10 +178,16 @@ class SQLiteWrites:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
-        if self._connection is not None:
-            self._connection.close()
+        if self._checked_out is not None:
+            self._checked_out.close()
         self._inline.dispose()
         self._waiting.dispose()
+
+
+def _translated(sql: str, exc: sqlite3.Error) -> DBAPIError:
+    """SQLAlchemy's error for the driver's, as every other query raises, without the values
+    (a prompt is one of them)."""
+    return cast(DBAPIError, DBAPIError.instance(sql, None, exc, sqlite3.Error))
 
 
 def _log_checkpoint_failure(done: Future[None]) -> None:
