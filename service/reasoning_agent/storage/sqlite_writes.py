@@ -113,13 +113,9 @@ class SQLiteWrites:
         if self._connection is None:
             self._checked_out = self._inline.raw_connection()
             self._connection = cast(sqlite3.Connection, self._checked_out.driver_connection)
-        connection = self._connection
         try:
-            changed = connection.execute(sql, arguments).rowcount
-            connection.commit()
-            return int(changed)
+            return _committed(self._connection, sql, arguments)
         except sqlite3.OperationalError as exc:
-            connection.rollback()
             if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
                 # The traceback's frames and the error hold each other: a cycle for the
                 # collector, made whenever two workers write at once, unless cleared.
@@ -127,20 +123,13 @@ class SQLiteWrites:
                 return None
             raise _translated(sql, exc) from None
         except sqlite3.Error as exc:
-            connection.rollback()
             raise _translated(sql, exc) from None
-        except BaseException:
-            connection.rollback()
-            raise
 
     def _wait(self, sql: str, arguments: list[Any]) -> int:
         connection = self._waiting.raw_connection()
         try:
-            changed = connection.execute(sql, arguments).rowcount
-            connection.commit()
-            return int(changed)
+            return _committed(connection, sql, arguments)
         except sqlite3.Error as exc:
-            connection.rollback()
             raise _translated(sql, exc) from None
         finally:
             connection.close()  # back to the pool
@@ -182,6 +171,18 @@ class SQLiteWrites:
             self._checked_out.close()
         self._inline.dispose()
         self._waiting.dispose()
+
+
+def _committed(connection: Any, sql: str, arguments: list[Any]) -> int:
+    """Run one statement on a sqlite3 connection (or the pool's proxy of one) and commit it;
+    rolled back if anything fails. The rows it matched."""
+    try:
+        changed = connection.execute(sql, arguments).rowcount
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    return int(changed)
 
 
 def _translated(sql: str, exc: sqlite3.Error) -> DBAPIError:
