@@ -14,7 +14,6 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from reasoning_agent.storage import db
 from reasoning_agent.tasks.repository import TaskRepository
-from reasoning_agent.tasks.status import TaskStatus
 from tests.fake_openai import FakeOpenAI
 from tests.inprocess import running
 from tests.support import OwnPostgres, drop_postgres_database, free_port, postgres_database
@@ -100,16 +99,16 @@ def test_the_writes_of_one_turn_share_a_commit_and_each_keeps_its_own_outcome(
         database = db.Database(counted)
         repository = TaskRepository(database)
         try:
-            _, first = await _create(repository, task_id="first")
+            _, first = await new_task(repository, task_id="first")
             await asyncio.to_thread(_run, counted, "SELECT pg_stat_statements_reset()")
             together = await asyncio.gather(
-                *(_create(repository, task_id=f"together-{i}") for i in range(8))
+                *(new_task(repository, task_id=f"together-{i}") for i in range(8))
             )
             statements = await asyncio.to_thread(_statements, counted)
             # One of a turn's writes refused: only that one fails.
             outcomes = await asyncio.gather(
-                *(_create(repository, task_id=f"next-{i}") for i in range(3)),
-                _create(repository, task_id="first"),
+                *(new_task(repository, task_id=f"next-{i}") for i in range(3)),
+                new_task(repository, task_id="first"),
                 return_exceptions=True,
             )
             stored = [row[0] for row in await asyncio.to_thread(_ids, counted)]
@@ -153,26 +152,6 @@ def test_writes_go_on_after_the_server_closed_their_connections(url: str) -> Non
     assert asyncio.run(run()) >= 1
 
 
-def _create(repository: TaskRepository, **values: Any) -> Any:
-    return repository.create(
-        **{
-            "owner": "alice",
-            "prompt": "a secret prompt",
-            "system": None,
-            "model": "fake-model",
-            "temperature": None,
-            "max_tokens": None,
-            "metadata": {},
-            "digest": "d",
-            "idempotency_key": None,
-            "trace_id": None,
-            "store_text": True,
-            "status": TaskStatus.PENDING,
-            **values,
-        }
-    )
-
-
 def _ids(url: str) -> list[Any]:
     async def read() -> list[Any]:
         connection = await asyncpg.connect(url)
@@ -189,11 +168,11 @@ def test_errors_are_sqlalchemys_and_never_show_the_values(url: str) -> None:
         database = db.Database(url)
         repository = TaskRepository(database)
         try:
-            await _create(repository, task_id="t1")
+            await new_task(repository, prompt="a secret prompt", task_id="t1")
             with pytest.raises(IntegrityError) as duplicate:
-                await _create(repository, task_id="t1")
+                await new_task(repository, prompt="a secret prompt", task_id="t1")
             with pytest.raises(DatabaseError) as refused:  # an owner is 64 characters at most
-                await _create(repository, task_id="t2", owner="x" * 65)
+                await new_task(repository, prompt="a secret prompt", task_id="t2", owner="x" * 65)
             return [duplicate.value, refused.value]
         finally:
             await database.aclose()

@@ -14,7 +14,6 @@ from sqlalchemy.exc import IntegrityError
 from reasoning_agent.storage import db
 from reasoning_agent.storage.sqlite_writes import SQLiteWrites
 from reasoning_agent.tasks.repository import TaskRepository
-from reasoning_agent.tasks.status import TaskStatus
 from tests.support import cyclic_garbage, query, write_lock
 from tests.tasks.factories import new_task
 
@@ -128,24 +127,6 @@ def test_writes_wait_for_a_checkpoint_that_lags(url: str, monkeypatch: pytest.Mo
     assert query(url, "SELECT count(*) FROM tasks") == [(every + 2 * lag,)]
 
 
-async def _create(repository: TaskRepository, task_id: str) -> None:
-    await repository.create(
-        owner="alice",
-        prompt="a secret prompt",
-        system=None,
-        model="fake-model",
-        temperature=None,
-        max_tokens=None,
-        metadata={},
-        digest="d",
-        idempotency_key=None,
-        trace_id=None,
-        store_text=True,
-        status=TaskStatus.PENDING,
-        task_id=task_id,
-    )
-
-
 def test_errors_are_sqlalchemys_and_never_show_the_values(url: str) -> None:
     """On the loop and in the thread that waits behind another writer."""
 
@@ -153,11 +134,13 @@ def test_errors_are_sqlalchemys_and_never_show_the_values(url: str) -> None:
         database = db.Database(url)
         repository = TaskRepository(database)
         try:
-            await _create(repository, "t1")
+            await new_task(repository, prompt="a secret prompt", task_id="t1")
             with pytest.raises(IntegrityError) as inline:
-                await _create(repository, "t1")
+                await new_task(repository, prompt="a secret prompt", task_id="t1")
             with write_lock(url):
-                waiting = asyncio.create_task(_create(repository, "t1"))
+                waiting = asyncio.create_task(
+                    new_task(repository, prompt="a secret prompt", task_id="t1")
+                )
                 await asyncio.sleep(0.1)  # past the inline tries: the thread waits
             with pytest.raises(IntegrityError) as behind:
                 await asyncio.wait_for(waiting, 10)

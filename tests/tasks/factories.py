@@ -13,10 +13,12 @@ async def new_task(
     prompt: str = "p",
     status: TaskStatus = TaskStatus.PENDING,
     key: str | None = None,
+    task_id: str | None = None,
+    owner: str = "alice",
 ) -> tuple[Task, bool]:
-    """A task of alice's for model `fake-model`; True when it is new."""
+    """A task (alice's unless said) for model `fake-model`; True when it is new."""
     return await repository.create(
-        owner="alice",
+        owner=owner,
         prompt=prompt,
         system=None,
         model="fake-model",
@@ -28,4 +30,5 @@ async def new_task(
         trace_id=None,
         store_text=True,
         status=status,
+        task_id=task_id,
     )
