@@ -36,7 +36,9 @@ class Step:
     body: Any = None
     # For a streamed request (`stream: true`): the answer's pieces (default: its words), the
     # reasoning's pieces sent first, a pause before each piece, a silence before the first,
-    # a dropped connection after `break_after` pieces, and the usage chunk (None: none sent).
+    # a dropped connection after `break_after` pieces, and the usage chunk (None: none sent);
+    # or `chunks`: these JSON values as the stream's data lines, whatever their shape.
+    chunks: list[Any] | None = None
     pieces: list[str] | None = None
     reasoning: list[str] = field(default_factory=list)
     pause: float = 0.0
@@ -172,6 +174,11 @@ class FakeOpenAI:
             return f"data: {json.dumps(payload)}\n\n".encode()
 
         async def events() -> AsyncIterator[bytes]:
+            if step.chunks is not None:
+                for value in step.chunks:
+                    yield f"data: {json.dumps(value)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+                return
             yield chunk({"role": "assistant", "content": ""})
             if step.silence:
                 await asyncio.sleep(step.silence)

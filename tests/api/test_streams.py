@@ -110,6 +110,44 @@ def test_no_usage_chunk_means_no_usage(service: Service, fake_llm: FakeOpenAI) -
     assert stream.events[-1].data["usage"] is None
 
 
+# Chunks no chat completion stream sends: each is passed over, the good one kept.
+_HOSTILE_CHUNKS = [
+    42,
+    "text",
+    None,
+    [],
+    {"choices": "x"},
+    {"choices": [7]},
+    {"choices": [{"delta": "a string"}]},
+    {"choices": [{"delta": {"content": 5, "reasoning_content": ["r"]}}], "model": ["m"]},
+    {"choices": [{"delta": {"content": "Paris"}}], "model": 7},
+    {"choices": [], "usage": {"prompt_tokens": -1, "completion_tokens": "7"}},
+]
+
+
+def test_chunks_of_any_other_shape_are_passed_over(service: Service, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script(Step(chunks=_HOSTILE_CHUNKS))
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "odd", "stream": True})
+    done = stream.events[-1]
+    assert done.kind == "done", done
+    assert deltas(stream) == done.data["answer"] == "Paris"
+    assert done.data["model"] == stream.events[0].data["model"]  # not one the chunks named
+    assert done.data["usage"] is None  # no count it could trust
+
+
+def test_a_stream_of_nothing_but_odd_chunks_has_no_answer(
+    service: Service, fake_llm: FakeOpenAI
+) -> None:
+    fake_llm.script(Step(chunks=_HOSTILE_CHUNKS[:-2]))
+    with service.client() as client:
+        stream = read_stream(client, "POST", "/task", json={"prompt": "odder", "stream": True})
+    error = stream.events[-1]
+    assert error.kind == "error", error
+    assert error.data["error"]["type"] == "upstream_error"
+    assert error.data["error"]["message"] == "upstream streamed no answer"
+
+
 def test_a_failure_before_the_first_piece_is_retried(
     service: Service, fake_llm: FakeOpenAI
 ) -> None:

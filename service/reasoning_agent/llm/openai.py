@@ -15,7 +15,6 @@ import aiohttp
 import httpx2
 import openai
 from openai._constants import RAW_RESPONSE_HEADER
-from openai.types.chat import ChatCompletionChunk
 from opentelemetry.trace import Span
 from tenacity import (
     AsyncRetrying,
@@ -54,6 +53,7 @@ log = logging.getLogger(__name__)
 _MAX_RETRY_AFTER_S = 60.0
 # Asks the SDK for the response unread, so its body is read here, under the byte cap.
 _UNREAD = {RAW_RESPONSE_HEADER: "stream"}
+_STREAMED = {"stream": True, "stream_options": {"include_usage": True}}
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -149,11 +149,10 @@ def _parse(body: bytes, *, model: str, attempts: int) -> LLMResult:
     if not isinstance(answer, str):
         raise NoAnswer(message="upstream returned no answer", attempts=attempts)
     reasoning = message.get("reasoning_content")  # DeepSeek-R1 and alike
-    named = payload.get("model")
     prompt_tokens, completion_tokens, reasoning_tokens = usage_of(payload)
     return LLMResult(
         answer=answer,
-        model=named if isinstance(named, str) and named else model,
+        model=_named(payload) or model,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         reasoning_tokens=reasoning_tokens,
@@ -393,18 +392,21 @@ class OpenAIProvider:
         with attempt_span(self.name, request, number) as current:
             try:
                 async with asyncio.timeout(remaining):
-                    chunks = await self._client.chat.completions.create(
-                        **_body(request),
+                    # As in `_attempt`, the generic post; `object` leaves each chunk the
+                    # decoded JSON, not a typed model built for every piece.
+                    chunks = await self._client.post(
+                        "/chat/completions",
+                        cast_to=object,
+                        body=_body(request) | _STREAMED,
+                        options={"timeout": remaining, "headers": inject_headers()},
                         stream=True,
-                        stream_options={"include_usage": True},
-                        timeout=remaining,
-                        extra_headers=inject_headers() or None,
+                        stream_cls=openai.AsyncStream[object],
                     )
                     async with chunks:
                         async for chunk in _guarded(chunks, passed, number):
-                            named = chunk.model or named
-                            if chunk.usage is not None:
-                                usage = usage_of({"usage": chunk.usage.model_dump()})
+                            named = _named(chunk) or named
+                            if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                                usage = usage_of(chunk)
                             delta = _delta_of(chunk)
                             if delta is None:
                                 continue
@@ -469,8 +471,8 @@ class _Passed:
 
 
 async def _guarded(
-    chunks: AsyncIterator[ChatCompletionChunk], passed: _Passed, number: int
-) -> AsyncIterator[ChatCompletionChunk]:
+    chunks: AsyncIterator[object], passed: _Passed, number: int
+) -> AsyncIterator[object]:
     """The chunks; a failure once something was passed on is StreamBroken (the caller has a
     part of the answer), before that one the retry policy knows."""
     try:
@@ -493,15 +495,24 @@ async def _guarded(
         ) from exc
 
 
-def _delta_of(chunk: ChatCompletionChunk) -> Delta | None:
-    """The answer and reasoning text in a chunk; None for chunks with neither (role, usage)."""
-    if not chunk.choices:
+def _delta_of(chunk: object) -> Delta | None:
+    """The answer and reasoning text in a chunk; None for chunks with neither (role, usage) and
+    for anything not shaped as a chat completion chunk."""
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    piece = first.get("delta") if isinstance(first, dict) else None
+    if not isinstance(piece, dict):
         return None
-    piece = chunk.choices[0].delta
-    text = piece.content or ""
-    reasoning = getattr(piece, "reasoning_content", None)
+    text, reasoning = piece.get("content"), piece.get("reasoning_content")  # DeepSeek-R1 and alike
+    text = text if isinstance(text, str) else ""
     reasoning = reasoning if isinstance(reasoning, str) else ""
     return Delta(text=text, reasoning=reasoning) if text or reasoning else None
+
+
+def _named(chunk: object) -> str | None:
+    """The model a chunk says answered, if it names one."""
+    named = chunk.get("model") if isinstance(chunk, dict) else None
+    return named if isinstance(named, str) and named else None
 
 
 def _describe(exc: openai.APIError, attempts: int) -> str:
