@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -50,6 +51,9 @@ class EventLog:
 
     def __init__(self, *, ttl_s: float = 600.0) -> None:
         self._logs: dict[str, _Log] = {}
+        # The ended logs in the order they expire (one ttl for all): expiring looks at the
+        # oldest only, not at every log kept.
+        self._ended: deque[tuple[float, str]] = deque()
         self.ttl_s = ttl_s
 
     async def has(self, task_id: str) -> bool:
@@ -66,6 +70,7 @@ class EventLog:
             log.events.append(event)
         if event.ends:
             log.expires = time.monotonic() + self.ttl_s
+            self._ended.append((log.expires, task_id))
         log.changed.set()
         log.changed = asyncio.Event()
         return event
@@ -88,8 +93,11 @@ class EventLog:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for task_id in [t for t, log in self._logs.items() if log.expires and log.expires < now]:
-            del self._logs[task_id]
+        while self._ended and self._ended[0][0] < now:
+            _, task_id = self._ended.popleft()
+            log = self._logs.get(task_id)
+            if log is not None and log.expires is not None and log.expires < now:
+                del self._logs[task_id]
 
     async def aclose(self) -> None:
         return None
