@@ -110,6 +110,7 @@ class SharedEventLog(EventLog):
     followers still get everything."""
 
     BLOCK_MS = 5000  # how long one read waits for news before checking the stream still exists
+    GATHER_S = 0.02  # how long the writer gathers events before it writes them in one round trip
 
     def __init__(self, redis_url: str, *, ttl_s: float = 600.0) -> None:
         super().__init__(ttl_s=ttl_s)
@@ -142,6 +143,7 @@ class SharedEventLog(EventLog):
     async def _write_forever(self) -> None:
         while not self._closing:
             await self._news.wait()
+            await asyncio.sleep(self.GATHER_S)
             self._news.clear()
             await self._write()
 
