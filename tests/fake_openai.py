@@ -47,6 +47,14 @@ class Step:
     usage: dict[str, Any] | None = field(default_factory=lambda: {"default": True})
 
 
+_DONE = b"data: [DONE]\n\n"
+
+
+def _data_line(value: Any) -> bytes:
+    """One Server-Sent Event holding `value` as JSON, as a streamed completion sends it."""
+    return f"data: {json.dumps(value)}\n\n".encode()
+
+
 @dataclass
 class Received:
     at: float
@@ -171,13 +179,13 @@ class FakeOpenAI:
                 choices[0]["finish_reason"] = finish
             payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0}
             payload.update(model=model, choices=choices, usage=usage)
-            return f"data: {json.dumps(payload)}\n\n".encode()
+            return _data_line(payload)
 
         async def events() -> AsyncIterator[bytes]:
             if step.chunks is not None:
                 for value in step.chunks:
-                    yield f"data: {json.dumps(value)}\n\n".encode()
-                yield b"data: [DONE]\n\n"
+                    yield _data_line(value)
+                yield _DONE
                 return
             yield chunk({"role": "assistant", "content": ""})
             if step.silence:
@@ -194,6 +202,6 @@ class FakeOpenAI:
             yield chunk({}, finish="stop")
             if wants_usage and usage is not None:
                 yield chunk(None, usage=usage)
-            yield b"data: [DONE]\n\n"
+            yield _DONE
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=step.headers)
