@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +73,31 @@ def test_serve_says_where_it_serves(start_service: StartService) -> None:
     logs = service.logs()
     assert f"serving on http://127.0.0.1:{service.port}" in logs
     assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in logs
+
+
+def test_the_workers_are_forked_without_alembic(tmp_path: Path) -> None:
+    """Migrations run in a child of their own: the master, and so every worker forked from it,
+    never imports Alembic (about 10 MB a worker)."""
+    script = (
+        "import sys\n"
+        "from reasoning_agent import server\n"
+        "from reasoning_agent.config import load_settings\n"
+        "settings = load_settings()\n"
+        "server.migrate(settings)\n"
+        "server.recover(settings)\n"
+        "server.create_served_app()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'mako'}))\n"
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/tasks.db",
+        "API_KEYS": "alice-key-0123456789abcdef",
+        "LLM_PROVIDER": "mock",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    with sqlite3.connect(tmp_path / "tasks.db") as db:
+        assert db.execute("SELECT count(*) FROM tasks").fetchone() == (0,)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import multiprocessing
 import os
 import shutil
 import socket
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,17 +45,26 @@ def migrate(settings: Settings, *, wait_s: float = 0) -> None:
     url = settings.database_url.get_secret_value()
     give_up = time.monotonic() + wait_s
     while True:
-        try:
-            db.migrate(url)
+        # In a child process, so the workers forked later do not carry Alembic's modules.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
+            reason = child.submit(_migrate_or_why, url).result()
+        if reason is None:
             return
-        except Exception as exc:
-            reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if time.monotonic() >= give_up:
-                raise ConfigError(
-                    f"DATABASE_URL: cannot migrate {db.display_url(url)}: {reason}"
-                ) from None
-            print(f"reasoning-agent: waiting for the database: {reason}", file=sys.stderr)
-            time.sleep(2)
+        if time.monotonic() >= give_up:
+            raise ConfigError(f"DATABASE_URL: cannot migrate {db.display_url(url)}: {reason}")
+        print(f"reasoning-agent: waiting for the database: {reason}", file=sys.stderr)
+        time.sleep(2)
+
+
+def _migrate_or_why(url: str) -> str | None:
+    """None once migrated, else why not (an exception may not survive the way back)."""
+    from reasoning_agent.storage import db
+
+    try:
+        db.migrate(url)
+    except Exception as exc:
+        return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def recover(settings: Settings) -> None:

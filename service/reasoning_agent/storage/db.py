@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import URL, Engine, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.sql.dml import UpdateBase
@@ -97,6 +95,9 @@ class Database:
 
 def migrate(url: str, revision: str = "head") -> None:
     """Apply the Alembic migrations shipped in this package (blocking; not from a running loop)."""
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "reasoning_agent:migrations")
     config.attributes["url"] = url
