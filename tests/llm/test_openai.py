@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from reasoning_agent.llm import AnswerTooLarge, LLMError, LLMRequest, UpstreamUnreachable
+from reasoning_agent.llm import (
+    AnswerTooLarge,
+    LLMError,
+    LLMRequest,
+    LLMResult,
+    UpstreamError,
+    UpstreamUnreachable,
+)
 from reasoning_agent.llm.openai import OpenAIProvider
 from tests.conftest import module_service
 from tests.fake_openai import FakeOpenAI, Step
@@ -315,3 +322,44 @@ def test_calls_past_the_connection_limit_wait_for_one_to_end(
     assert len(arrived) == 4
     assert max(arrived[:limit]) < 0.3, arrived  # all within the limit at once
     assert all(t >= 0.4 for t in arrived[limit:]), arrived  # the rest after one ended
+
+
+def _complete_once(fake_llm: FakeOpenAI, request: LLMRequest) -> LLMResult:
+    provider = OpenAIProvider(
+        api_key=OPENAI_KEY, base_url=fake_llm.base_url, model="gpt-test", max_attempts=1
+    )
+
+    async def call() -> LLMResult:
+        try:
+            return await provider.complete(request, deadline=time.monotonic() + 10)
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(call())
+
+
+def test_the_upstream_sees_what_the_sdk_would_send(fake_llm: FakeOpenAI) -> None:
+    """The non-streamed call skips the SDK's request building: the same key, identity and
+    JSON still arrive."""
+    messages = [{"role": "user", "content": "héllo, 東京"}]
+    request = LLMRequest(messages=messages, model="gpt-test", temperature=0.5, max_tokens=7)
+    assert _complete_once(fake_llm, request).answer == "fake answer to: héllo, 東京"
+    received = fake_llm.requests[-1]
+    assert received.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert received.headers["content-type"] == "application/json"
+    assert received.headers["user-agent"].startswith("AsyncOpenAI/Python ")
+    assert received.body == {
+        "model": "gpt-test",
+        "messages": messages,
+        "temperature": 0.5,
+        "max_tokens": 7,
+    }
+
+
+def test_a_redirect_is_not_followed_but_fails_the_call(fake_llm: FakeOpenAI) -> None:
+    fake_llm.script(Step(status=307, headers={"Location": f"{fake_llm.base_url}/elsewhere"}))
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+    with pytest.raises(UpstreamError) as caught:
+        _complete_once(fake_llm, request)
+    assert str(caught.value) == "upstream answered HTTP 307 after 1 attempt"
+    assert fake_llm.calls == 1

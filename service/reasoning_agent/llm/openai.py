@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
-from openai._constants import RAW_RESPONSE_HEADER
 from opentelemetry.trace import Span
 from tenacity import (
     AsyncRetrying,
@@ -43,6 +42,7 @@ from reasoning_agent.llm.base import (
     attempt_span,
     record_result,
 )
+from reasoning_agent.llm.completions_http import CompletionsHTTP, TooLarge
 from reasoning_agent.observability import metrics
 from reasoning_agent.observability.telemetry import inject_headers
 
@@ -51,8 +51,6 @@ __all__ = ["OpenAIProvider", "from_settings"]
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_AFTER_S = 60.0
-# Asks the SDK for the response unread, so its body is read here, under the byte cap.
-_UNREAD = {RAW_RESPONSE_HEADER: "stream"}
 _STREAMED = {"stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -110,20 +108,6 @@ def _body(request: LLMRequest) -> dict[str, Any]:
     if request.reasoning_effort is not None:
         body["reasoning_effort"] = request.reasoning_effort
     return body
-
-
-async def _read_capped(response: httpx2.Response, cap: int, *, attempts: int) -> bytes:
-    """The body, or AnswerTooLarge as soon as it passes `cap` bytes (declared or received)."""
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise _too_large(cap, attempts)
-    chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > cap:
-            raise _too_large(cap, attempts)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _too_large(cap: int, attempts: int) -> AnswerTooLarge:
@@ -222,6 +206,10 @@ class _Client(openai.AsyncOpenAI):
         super().__init__(**options)
         self._urls: dict[str, httpx2.URL] = {}
 
+    @property
+    def user_agent(self) -> str:
+        return f"AsyncOpenAI/Python {openai.__version__}"  # the SDK's, not this subclass's name
+
     def _prepare_url(self, url: str) -> httpx2.URL:
         prepared = self._urls.get(url)
         if prepared is None:
@@ -248,6 +236,7 @@ class OpenAIProvider:
         self._max_attempts = max_attempts
         self._max_response_bytes = max_response_bytes
         self._client: openai.AsyncOpenAI | None = None
+        self._http: CompletionsHTTP | None = None
         if api_key:
             self._client = _Client(
                 api_key=api_key,
@@ -258,6 +247,12 @@ class OpenAIProvider:
                 http_client=openai.DefaultAioHttpClient(
                     limits=httpx2.Limits(max_connections=max_connections)
                 ),
+            )
+            self._http = CompletionsHTTP(
+                self._client,
+                api_key=api_key,
+                max_connections=max_connections,
+                max_response_bytes=max_response_bytes,
             )
 
     def unconfigured_reason(self) -> str | None:
@@ -318,28 +313,18 @@ class OpenAIProvider:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(message="deadline reached before the call", attempts=number - 1)
-        assert self._client is not None
+        assert self._http is not None
         started = time.monotonic()
         error: BaseException | None = None
         with attempt_span(self.name, request, number) as current:
             try:
-                # The SDK's generic post keeps its auth, URL, timeout and error mapping but
-                # skips the typed request and response models, the costliest part of a call.
-                traced = inject_headers()
-                response = await self._client.post(
-                    "/chat/completions",
-                    cast_to=httpx2.Response,
-                    body=_body(request),
-                    options={
-                        "timeout": remaining,
-                        "headers": {**traced, **_UNREAD} if traced else _UNREAD,
-                    },
+                body = await self._http.post(
+                    _body(request), timeout_s=remaining, headers=inject_headers()
                 )
-                try:
-                    body = await _read_capped(response, self._max_response_bytes, attempts=number)
-                finally:
-                    await response.aclose()  # past the cap: the connection is dropped
                 result = _parse(body, model=request.model, attempts=number)
+            except TooLarge:
+                error = _too_large(self._max_response_bytes, number)
+                raise error from None
             except BaseException as exc:
                 error = exc
                 raise
@@ -452,6 +437,8 @@ class OpenAIProvider:
             return result
 
     async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
         if self._client is not None:
             await self._client.close()
 

@@ -1,0 +1,102 @@
+"""One non-streamed chat-completion POST straight over aiohttp, failing with the SDK's own
+exception classes: the SDK's request building and its httpx layer over the same aiohttp cost
+more CPU than the call itself."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import httpx2
+import openai
+
+__all__ = ["CompletionsHTTP", "TooLarge"]
+
+
+class TooLarge(Exception):
+    """The answer passed the byte cap (declared or received)."""
+
+
+class CompletionsHTTP:
+    """POSTs to `{base_url}chat/completions` with the SDK client's URL and identifying
+    headers, on a pool of its own."""
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        *,
+        api_key: str,
+        max_connections: int,
+        max_response_bytes: int,
+    ) -> None:
+        self._url = f"{client.base_url}chat/completions"
+        self._headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
+        self._headers["Authorization"] = f"Bearer {api_key}"
+        self._max_connections = max_connections
+        self._cap = max_response_bytes
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(
+        self, body: Mapping[str, Any], *, timeout_s: float, headers: Mapping[str, str]
+    ) -> bytes:
+        """The 2xx answer's body. Otherwise openai.APIStatusError, APITimeoutError or
+        APIConnectionError, the classes the retry policy reads, or TooLarge."""
+        if self._session is None:  # made on the loop that uses it
+            self._session = _session(self._max_connections)
+        sent = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            async with self._session.post(
+                self._url,
+                data=sent,
+                headers={**self._headers, **headers} if headers else self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+            ) as response:
+                if response.status >= 300:
+                    raise openai.APIStatusError(
+                        f"Error code: {response.status}",
+                        response=_as_httpx(response, self._url),
+                        body=None,
+                    )
+                return await _read_capped(response, self._cap)
+        except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
+            raise openai.APITimeoutError(request=_request(self._url)) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise openai.APIConnectionError(request=_request(self._url)) from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _session(max_connections: int) -> aiohttp.ClientSession:
+    # The certificate store the SDK's own transport verifies with.
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, ssl=httpx2.create_ssl_context(verify=True, trust_env=True)
+    )
+    return aiohttp.ClientSession(connector=connector)
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    if response.content_length is not None and response.content_length > cap:
+        raise TooLarge
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _request(url: str) -> httpx2.Request:
+    return httpx2.Request("POST", url)
+
+
+def _as_httpx(response: aiohttp.ClientResponse, url: str) -> httpx2.Response:
+    """The status and headers as the SDK's errors carry them (the body is never read)."""
+    return httpx2.Response(
+        response.status, headers=list(response.raw_headers), request=_request(url)
+    )
