@@ -77,7 +77,7 @@ def test_serve_says_where_it_serves(start_service: StartService) -> None:
 
 def test_the_workers_are_forked_without_alembic(tmp_path: Path) -> None:
     """Migrations run in a child of their own: the master, and so every worker forked from it,
-    never imports Alembic (about 10 MB a worker)."""
+    never imports Alembic."""
     script = (
         "import sys\n"
         "from reasoning_agent import server\n"
