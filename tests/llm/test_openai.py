@@ -10,6 +10,7 @@ import pytest
 
 from reasoning_agent.llm import (
     AnswerTooLarge,
+    Delta,
     LLMError,
     LLMRequest,
     LLMResult,
@@ -296,10 +297,13 @@ def test_reasoning_text_and_tokens_are_kept_apart_from_the_answer(
     assert 'reasoning_agent_llm_tokens_total{direction="reasoning",key="alice"} 25.0' in metrics
 
 
-@pytest.mark.parametrize("limit", [2, 4])
+@pytest.mark.parametrize(
+    ("limit", "streamed"), [(2, 0), (4, 0), (2, 2), (2, 4)], ids=lambda v: str(v)
+)
 def test_calls_past_the_connection_limit_wait_for_one_to_end(
-    fake_llm: FakeOpenAI, limit: int
+    fake_llm: FakeOpenAI, limit: int, streamed: int
 ) -> None:
+    """One limit for every call, streamed (`streamed` of the four) or not."""
     fake_llm.default_delay = 0.5
     provider = OpenAIProvider(
         api_key=OPENAI_KEY,
@@ -310,10 +314,20 @@ def test_calls_past_the_connection_limit_wait_for_one_to_end(
     )
     request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
 
+    async def ignore(delta: Delta) -> None:
+        pass
+
     async def main() -> None:
         try:
             deadline = time.monotonic() + 10
-            await asyncio.gather(*(provider.complete(request, deadline=deadline) for _ in range(4)))
+            calls = [
+                provider.stream(request, deadline=deadline, on_delta=ignore)
+                if n < streamed
+                else provider.complete(request, deadline=deadline)
+                for n in range(4)
+            ]
+            results = await asyncio.gather(*calls)
+            assert all(r.answer == "fake answer to: hi" for r in results)
         finally:
             await provider.aclose()
 
@@ -363,3 +377,42 @@ def test_a_redirect_is_not_followed_but_fails_the_call(fake_llm: FakeOpenAI) -> 
         _complete_once(fake_llm, request)
     assert str(caught.value) == "upstream answered HTTP 307 after 1 attempt"
     assert fake_llm.calls == 1
+
+
+def test_the_proxy_variables_apply_to_every_call(
+    fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY reaches the streamed and the non-streamed call alike: the fake upstream
+    stands in as the proxy for a host that does not resolve."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{fake_llm.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    provider = OpenAIProvider(
+        api_key=OPENAI_KEY, base_url="http://upstream.invalid/v1", model="gpt-test", max_attempts=1
+    )
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+
+    async def ignore(delta: Delta) -> None:
+        pass
+
+    async def main() -> list[LLMResult]:
+        try:
+            deadline = time.monotonic() + 10
+            return [
+                await provider.complete(request, deadline=deadline),
+                await provider.stream(request, deadline=deadline, on_delta=ignore),
+            ]
+        finally:
+            await provider.aclose()
+
+    assert [r.answer for r in asyncio.run(main())] == ["fake answer to: hi"] * 2
+    assert [r.headers["host"] for r in fake_llm.requests] == ["upstream.invalid"] * 2
+
+
+def test_no_proxy_exempts_the_upstream(
+    fake_llm: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+    assert _complete_once(fake_llm, request).answer == "fake answer to: hi"

@@ -11,43 +11,78 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
-__all__ = ["CompletionsHTTP", "TooLarge"]
+__all__ = ["CompletionsHTTP", "Pool", "TooLarge"]
 
 
 class TooLarge(Exception):
     """The answer passed the byte cap (declared or received)."""
 
 
+class Pool:
+    """The one aiohttp session every call to the upstream goes through, streamed or not, so
+    that one connection limit holds for all of them."""
+
+    def __init__(self, *, upstream: str, max_connections: int) -> None:
+        self._max_connections = max_connections
+        self._proxy, self._proxy_auth = _env_proxy(upstream)
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The session, made on the loop that first asks for it."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                # The certificate store the SDK's own transport verifies with.
+                ssl=httpx2.create_ssl_context(verify=True, trust_env=True),
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, proxy=self._proxy, proxy_auth=self._proxy_auth
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy HTTPS_PROXY or HTTP_PROXY names for `url` unless NO_PROXY exempts it, read
+    once: aiohttp's `trust_env` reads them again on a thread for every request."""
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None, None
+
+
 class CompletionsHTTP:
     """POSTs to `{base_url}chat/completions` with the SDK client's URL and identifying
-    headers, on a pool of its own."""
+    headers."""
 
     def __init__(
         self,
         client: openai.AsyncOpenAI,
         *,
+        pool: Pool,
         api_key: str,
-        max_connections: int,
         max_response_bytes: int,
     ) -> None:
         self._url = f"{client.base_url}chat/completions"
         self._headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
         self._headers["Authorization"] = f"Bearer {api_key}"
-        self._max_connections = max_connections
+        self._pool = pool
         self._cap = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
 
     async def post(
         self, body: Mapping[str, Any], *, timeout_s: float, headers: Mapping[str, str]
     ) -> bytes:
         """The 2xx answer's body. Otherwise openai.APIStatusError, APITimeoutError or
         APIConnectionError, the classes the retry policy reads, or TooLarge."""
-        if self._session is None:  # made on the loop that uses it
-            self._session = _session(self._max_connections)
         sent = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            async with self._session.post(
+            async with self._pool.session().post(
                 self._url,
                 data=sent,
                 headers={**self._headers, **headers} if headers else self._headers,
@@ -65,18 +100,6 @@ class CompletionsHTTP:
             raise openai.APITimeoutError(request=_request(self._url)) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise openai.APIConnectionError(request=_request(self._url)) from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-def _session(max_connections: int) -> aiohttp.ClientSession:
-    # The certificate store the SDK's own transport verifies with.
-    connector = aiohttp.TCPConnector(
-        limit=max_connections, ssl=httpx2.create_ssl_context(verify=True, trust_env=True)
-    )
-    return aiohttp.ClientSession(connector=connector)
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

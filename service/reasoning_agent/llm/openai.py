@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
+from openai._vendor.httpx_aiohttp import AiohttpTransport  # the SDK's own aiohttp transport
 from opentelemetry.trace import Span
 from tenacity import (
     AsyncRetrying,
@@ -42,7 +43,7 @@ from reasoning_agent.llm.base import (
     attempt_span,
     record_result,
 )
-from reasoning_agent.llm.completions_http import CompletionsHTTP, TooLarge
+from reasoning_agent.llm.completions_http import CompletionsHTTP, Pool, TooLarge
 from reasoning_agent.observability import metrics
 from reasoning_agent.observability.telemetry import inject_headers
 
@@ -237,21 +238,22 @@ class OpenAIProvider:
         self._max_response_bytes = max_response_bytes
         self._client: openai.AsyncOpenAI | None = None
         self._http: CompletionsHTTP | None = None
+        self._pool: Pool | None = None
         if api_key:
+            transport = AiohttpTransport()
             self._client = _Client(
                 api_key=api_key,
                 base_url=base_url,
                 max_retries=0,
-                # aiohttp's C parser costs less CPU a call than the default transport; a
-                # call past the connection limit would wait for another to end.
-                http_client=openai.DefaultAioHttpClient(
-                    limits=httpx2.Limits(max_connections=max_connections)
-                ),
+                # The pool applies the proxy variables, for streams too.
+                http_client=openai.DefaultAioHttpClient(transport=transport, trust_env=False),
             )
+            self._pool = Pool(upstream=str(self._client.base_url), max_connections=max_connections)
+            transport.client = self._pool.session  # streams on the pool the other calls use
             self._http = CompletionsHTTP(
                 self._client,
+                pool=self._pool,
                 api_key=api_key,
-                max_connections=max_connections,
                 max_response_bytes=max_response_bytes,
             )
 
@@ -437,10 +439,10 @@ class OpenAIProvider:
             return result
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
         if self._client is not None:
             await self._client.close()
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
 class _Passed:
