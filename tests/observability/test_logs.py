@@ -39,6 +39,7 @@ def test_credentials_are_redacted_however_they_are_logged(captured: logging.Logg
         extra={"headers": {"x-api-key": "another-key-xyz"}, "note": "configured-secret-value-123"},
     )
     captured.warning("connecting with api_key=plain-1 password=hunter2")
+    captured.warning("retrying with apikey=plain-2 OPENAI_API_KEY=sk-3, headers {'Api-Key': 'k-4'}")
     text = json.dumps(lines(captured))
     for secret in (
         "unknown-key-abc",
@@ -47,9 +48,12 @@ def test_credentials_are_redacted_however_they_are_logged(captured: logging.Logg
         "configured-secret-value-123",
         "plain-1",
         "hunter2",
+        "plain-2",
+        "sk-3",
+        "k-4",
     ):
         assert secret not in text
-    assert text.count("[REDACTED]") >= 6
+    assert text.count("[REDACTED]") >= 9
 
 
 def test_lines_carry_request_and_trace_ids(captured: logging.Logger) -> None:

@@ -31,7 +31,8 @@ _SECRET_FIELD = re.compile(
     r"""((?:bearer\s+)?[^"'\\\s,}]+)""",
     re.IGNORECASE,
 )
-_SECRET_FIELD_WORDS = ("api", "authorization", "password")  # one is in every _SECRET_FIELD match
+# One is in every _SECRET_FIELD match, and none in a logger's name such as `reasoning_agent.api`.
+_SECRET_FIELD_WORDS = ("api-key", "api_key", "apikey", "authorization", "password")
 _secrets: tuple[str, ...] = ()
 
 
