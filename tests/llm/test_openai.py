@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,17 @@ from tests.fake_openai import FakeOpenAI, Step
 from tests.support import OPENAI_KEY, Service, cyclic_garbage, free_port
 
 TIMEOUT_S = 3
+HI = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+
+
+def _provider(fake_llm: FakeOpenAI, **options: Any) -> OpenAIProvider:
+    """The provider against the fake upstream, one attempt unless `options` say otherwise."""
+    given = {"api_key": OPENAI_KEY, "base_url": fake_llm.base_url, "model": "gpt-test"}
+    return OpenAIProvider(**{**given, "max_attempts": 1, **options})
+
+
+async def _ignore(delta: Delta) -> None:
+    """A caller that looks at none of a stream's pieces."""
 
 
 service = module_service(
@@ -186,36 +198,52 @@ def test_a_retry_after_that_is_no_sane_wait_is_treated_as_absent(
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 def test_an_answer_past_the_byte_cap_is_not_read_whole_and_fails_the_call(
-    fake_llm: FakeOpenAI, chunked: bool
+    fake_llm: FakeOpenAI, chunked: bool, streamed: bool
 ) -> None:
+    """Streamed too: one endless event is cut off at the cap, not buffered to its end."""
     cap = 1_000_000
     huge = b'{"choices": [{"message": {"content": "' + b"x" * (5 * cap) + b'"}}]}'
-    provider = OpenAIProvider(
-        api_key=OPENAI_KEY,
-        base_url=fake_llm.base_url,
-        model="gpt-test",
-        max_attempts=3,
-        max_response_bytes=cap,
-    )
-    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
+    if streamed:
+        huge = b'data: {"choices": [{"delta": {"content": "' + b"x" * (5 * cap) + b'"}}]}'
+    provider = _provider(fake_llm, max_attempts=3, max_response_bytes=cap)
 
-    async def call() -> LLMError:
+    async def call() -> LLMResult:
+        deadline = time.monotonic() + 10
+        if streamed:
+            return await provider.stream(HI, deadline=deadline, on_delta=_ignore)
+        return await provider.complete(HI, deadline=deadline)
+
+    async def main() -> LLMError:
         fake_llm.script(Step(raw=huge, chunked=chunked))
         try:
             with pytest.raises(AnswerTooLarge) as caught:
-                await provider.complete(request, deadline=time.monotonic() + 10)
+                await call()
             # the connection is not left half read: the next call gets a normal answer
-            fake_llm.script(Step(raw=b'{"choices": [{"message": {"content": "ok"}}]}'))
-            assert (await provider.complete(request, deadline=time.monotonic() + 10)).answer == "ok"
+            assert (await call()).answer == "fake answer to: hi"
         finally:
             await provider.aclose()
         return caught.value
 
-    error = asyncio.run(call())
+    error = asyncio.run(main())
     assert error.attempts == 1 and error.outcome == "too_large"
     assert str(error) == f"upstream answer is larger than {cap} bytes (LLM_MAX_RESPONSE_BYTES)"
     assert fake_llm.calls == 2  # not retried
+
+
+def test_a_long_stream_of_small_events_is_not_cut_by_the_byte_cap(fake_llm: FakeOpenAI) -> None:
+    """The cap bounds the text and each event, not the stream's envelopes summed."""
+    fake_llm.script(Step(pieces=["x"] * 1000))  # ~150 KB of events for 1000 characters
+    provider = _provider(fake_llm, max_response_bytes=20_000)
+
+    async def main() -> LLMResult:
+        try:
+            return await provider.stream(HI, deadline=time.monotonic() + 10, on_delta=_ignore)
+        finally:
+            await provider.aclose()
+
+    assert asyncio.run(main()).answer == "x" * 1000
 
 
 @pytest.mark.parametrize(
@@ -305,25 +333,15 @@ def test_calls_past_the_connection_limit_wait_for_one_to_end(
 ) -> None:
     """One limit for every call, streamed (`streamed` of the four) or not."""
     fake_llm.default_delay = 0.5
-    provider = OpenAIProvider(
-        api_key=OPENAI_KEY,
-        base_url=fake_llm.base_url,
-        model="gpt-test",
-        max_attempts=1,
-        max_connections=limit,
-    )
-    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
-
-    async def ignore(delta: Delta) -> None:
-        pass
+    provider = _provider(fake_llm, max_connections=limit)
 
     async def main() -> None:
         try:
             deadline = time.monotonic() + 10
             calls = [
-                provider.stream(request, deadline=deadline, on_delta=ignore)
+                provider.stream(HI, deadline=deadline, on_delta=_ignore)
                 if n < streamed
-                else provider.complete(request, deadline=deadline)
+                else provider.complete(HI, deadline=deadline)
                 for n in range(4)
             ]
             results = await asyncio.gather(*calls)
@@ -352,22 +370,38 @@ def _complete_once(fake_llm: FakeOpenAI, request: LLMRequest) -> LLMResult:
     return asyncio.run(call())
 
 
-def test_the_upstream_sees_what_the_sdk_would_send(fake_llm: FakeOpenAI) -> None:
-    """The non-streamed call skips the SDK's request building: the same key, identity and
-    JSON still arrive."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_the_upstream_sees_what_the_sdk_would_send(fake_llm: FakeOpenAI, streamed: bool) -> None:
+    """The calls skip the SDK's request building: the same key, identity and JSON still
+    arrive."""
     messages = [{"role": "user", "content": "héllo, 東京"}]
     request = LLMRequest(messages=messages, model="gpt-test", temperature=0.5, max_tokens=7)
-    assert _complete_once(fake_llm, request).answer == "fake answer to: héllo, 東京"
+    provider = _provider(fake_llm)
+    pieces: list[str] = []
+
+    async def keep(delta: Delta) -> None:
+        pieces.append(delta.text)
+
+    async def call() -> LLMResult:
+        deadline = time.monotonic() + 10
+        try:
+            if streamed:
+                return await provider.stream(request, deadline=deadline, on_delta=keep)
+            return await provider.complete(request, deadline=deadline)
+        finally:
+            await provider.aclose()
+
+    assert asyncio.run(call()).answer == "fake answer to: héllo, 東京"
+    assert "".join(pieces) == ("fake answer to: héllo, 東京" if streamed else "")
     received = fake_llm.requests[-1]
     assert received.headers["authorization"] == f"Bearer {OPENAI_KEY}"
     assert received.headers["content-type"] == "application/json"
     assert received.headers["user-agent"].startswith("AsyncOpenAI/Python ")
-    assert received.body == {
-        "model": "gpt-test",
-        "messages": messages,
-        "temperature": 0.5,
-        "max_tokens": 7,
-    }
+    assert received.headers["x-stainless-lang"] == "python"
+    sent = {"model": "gpt-test", "messages": messages, "temperature": 0.5, "max_tokens": 7}
+    if streamed:
+        sent |= {"stream": True, "stream_options": {"include_usage": True}}
+    assert received.body == sent
 
 
 def test_a_redirect_is_not_followed_but_fails_the_call(fake_llm: FakeOpenAI) -> None:
@@ -387,20 +421,14 @@ def test_the_proxy_variables_apply_to_every_call(
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{fake_llm.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    provider = OpenAIProvider(
-        api_key=OPENAI_KEY, base_url="http://upstream.invalid/v1", model="gpt-test", max_attempts=1
-    )
-    request = LLMRequest(messages=[{"role": "user", "content": "hi"}], model="gpt-test")
-
-    async def ignore(delta: Delta) -> None:
-        pass
+    provider = _provider(fake_llm, base_url="http://upstream.invalid/v1")
 
     async def main() -> list[LLMResult]:
         try:
             deadline = time.monotonic() + 10
             return [
-                await provider.complete(request, deadline=deadline),
-                await provider.stream(request, deadline=deadline, on_delta=ignore),
+                await provider.complete(HI, deadline=deadline),
+                await provider.stream(HI, deadline=deadline, on_delta=_ignore),
             ]
         finally:
             await provider.aclose()

@@ -1,20 +1,25 @@
-"""One non-streamed chat-completion POST straight over aiohttp, failing with the SDK's own
+"""Chat-completion POSTs straight over aiohttp, streamed or not, failing with the SDK's own
 exception classes: the SDK's request building and its httpx layer over the same aiohttp cost
 more CPU than the call itself."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, cast
 
 import aiohttp
 import httpx2
 import openai
 from aiohttp.helpers import get_env_proxy_for_url
+from openai._streaming import ServerSentEvent, SSEDecoder  # the SDK's own parser, as it reads
 from yarl import URL
 
 __all__ = ["CompletionsHTTP", "Pool", "TooLarge"]
+
+
+_READ = 2**16  # the most of a stream read at once, so one event's bytes are counted closely
 
 
 class TooLarge(Exception):
@@ -80,26 +85,93 @@ class CompletionsHTTP:
     ) -> bytes:
         """The 2xx answer's body. Otherwise openai.APIStatusError, APITimeoutError or
         APIConnectionError, the classes the retry policy reads, or TooLarge."""
+        async with self._opened(body, timeout_s=timeout_s, headers=headers) as response:
+            try:
+                return await _read_capped(response, self._cap)
+            except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
+                raise openai.APITimeoutError(request=_request(self._url)) from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                raise openai.APIConnectionError(request=_request(self._url)) from exc
+
+    @asynccontextmanager
+    async def stream(
+        self, body: Mapping[str, Any], *, timeout_s: float, headers: Mapping[str, str]
+    ) -> AsyncIterator[AsyncIterator[object]]:
+        """The decoded JSON of each event up to `[DONE]`, failing as `post` does; an event
+        that carries an `error` is openai.APIError, as the SDK raises it, and one event past
+        the byte cap TooLarge."""
+        async with self._opened(body, timeout_s=timeout_s, headers=headers) as response:
+            events = self._events(response)
+            try:
+                yield events
+            finally:
+                await events.aclose()
+
+    async def _events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[object, None]:
+        unparsed = 0  # bytes read since the last event: an endless one is never buffered whole
+
+        async def received() -> AsyncGenerator[bytes, None]:
+            nonlocal unparsed
+            async for chunk in response.content.iter_chunked(_READ):
+                if unparsed > self._cap:  # what came before this read held no whole event
+                    raise TooLarge
+                unparsed += len(chunk)
+                yield chunk
+
+        chunks = received()
+        events = cast(AsyncGenerator[ServerSentEvent, None], SSEDecoder().aiter_bytes(chunks))
+        try:
+            async for event in events:
+                unparsed = 0
+                if event.data.startswith("[DONE]"):
+                    async for _ in chunks:  # the rest, so that the connection is used again
+                        pass
+                    return
+                data = event.json()  # not JSON: ValueError, which the caller classifies
+                if isinstance(data, dict) and data.get("error"):
+                    error = data["error"]
+                    message = error.get("message") if isinstance(error, dict) else None
+                    raise openai.APIError(
+                        message if isinstance(message, str) and message else "stream error",
+                        _request(self._url),
+                        body=error,
+                    )
+                yield data
+        except TimeoutError:  # the deadline, which the caller reports as such
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            raise openai.APIConnectionError(request=_request(self._url)) from exc
+        finally:
+            await events.aclose()
+
+    @asynccontextmanager
+    async def _opened(
+        self, body: Mapping[str, Any], *, timeout_s: float, headers: Mapping[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The 2xx response with its body unread, released on the way out."""
         sent = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            async with self._pool.session().post(
+            response = await self._pool.session().post(
                 self._url,
                 data=sent,
                 headers={**self._headers, **headers} if headers else self._headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
-            ) as response:
-                if response.status >= 300:
-                    raise openai.APIStatusError(
-                        f"Error code: {response.status}",
-                        response=_as_httpx(response, self._url),
-                        body=None,
-                    )
-                return await _read_capped(response, self._cap)
+            )
         except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
             raise openai.APITimeoutError(request=_request(self._url)) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise openai.APIConnectionError(request=_request(self._url)) from exc
+        try:
+            if response.status >= 300:
+                raise openai.APIStatusError(
+                    f"Error code: {response.status}",
+                    response=_as_httpx(response, self._url),
+                    body=None,
+                )
+            yield response
+        finally:
+            response.release()
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
-from openai._vendor.httpx_aiohttp import AiohttpTransport  # the SDK's own aiohttp transport
 from opentelemetry.trace import Span
 from tenacity import (
     AsyncRetrying,
@@ -200,26 +199,9 @@ class _StopBefore(stop_base):
         return time.monotonic() + state.upcoming_sleep >= self._deadline
 
 
-class _Client(openai.AsyncOpenAI):
-    """The SDK's client, working out each endpoint's URL once instead of on every call."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._urls: dict[str, httpx2.URL] = {}
-
-    @property
-    def user_agent(self) -> str:
-        return f"AsyncOpenAI/Python {openai.__version__}"  # the SDK's, not this subclass's name
-
-    def _prepare_url(self, url: str) -> httpx2.URL:
-        prepared = self._urls.get(url)
-        if prepared is None:
-            prepared = self._urls[url] = super()._prepare_url(url)
-        return prepared
-
-
 class OpenAIProvider:
-    """Chat completions through the official SDK, with its own retries off and ours on."""
+    """Chat completions at the SDK client's URL, with its headers and exception classes, under
+    one tenacity retry policy."""
 
     name = "openai"
 
@@ -240,16 +222,10 @@ class OpenAIProvider:
         self._http: CompletionsHTTP | None = None
         self._pool: Pool | None = None
         if api_key:
-            transport = AiohttpTransport()
-            self._client = _Client(
-                api_key=api_key,
-                base_url=base_url,
-                max_retries=0,
-                # The pool applies the proxy variables, for streams too.
-                http_client=openai.DefaultAioHttpClient(transport=transport, trust_env=False),
-            )
+            # The SDK's client settles the URL (OPENAI_BASE_URL too) and the identifying
+            # headers; the calls go through CompletionsHTTP.
+            self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
             self._pool = Pool(upstream=str(self._client.base_url), max_connections=max_connections)
-            transport.client = self._pool.session  # streams on the pool the other calls use
             self._http = CompletionsHTTP(
                 self._client,
                 pool=self._pool,
@@ -368,7 +344,7 @@ class OpenAIProvider:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(message="deadline reached before the call", attempts=number - 1)
-        assert self._client is not None
+        assert self._http is not None
         started = time.monotonic()
         first_token_ms: float | None = None
         error: BaseException | None = None
@@ -378,39 +354,36 @@ class OpenAIProvider:
         usage: tuple[int | None, int | None, int | None] = (None, None, None)
         with attempt_span(self.name, request, number) as current:
             try:
-                async with asyncio.timeout(remaining):
-                    # As in `_attempt`, the generic post; `object` leaves each chunk the
-                    # decoded JSON, not a typed model built for every piece.
-                    chunks = await self._client.post(
-                        "/chat/completions",
-                        cast_to=object,
-                        body=_body(request) | _STREAMED,
-                        options={"timeout": remaining, "headers": inject_headers()},
-                        stream=True,
-                        stream_cls=openai.AsyncStream[object],
-                    )
-                    async with chunks:
-                        async for chunk in _guarded(chunks, passed, number):
-                            named = _named(chunk) or named
-                            if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
-                                usage = usage_of(chunk)
-                            delta = _delta_of(chunk)
-                            if delta is None:
-                                continue
-                            if first_token_ms is None:
-                                first_token_ms = round((time.monotonic() - started) * 1000, 1)
-                                metrics.FIRST_TOKEN_SECONDS.labels(
-                                    self.name, metrics.model_label(request.model)
-                                ).observe(first_token_ms / 1000)
-                                if current.is_recording():
-                                    current.add_event("first_token")
-                            answer.append(delta.text)
-                            reasoning.append(delta.reasoning)
-                            if passed.chars + passed.reasoning_chars > self._max_response_bytes:
-                                raise _too_large(self._max_response_bytes, number)
-                            await passed.forward(delta)
+                async with (
+                    asyncio.timeout(remaining),
+                    self._http.stream(
+                        _body(request) | _STREAMED, timeout_s=remaining, headers=inject_headers()
+                    ) as chunks,
+                ):
+                    async for chunk in _guarded(chunks, passed, number):
+                        named = _named(chunk) or named
+                        if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                            usage = usage_of(chunk)
+                        delta = _delta_of(chunk)
+                        if delta is None:
+                            continue
+                        if first_token_ms is None:
+                            first_token_ms = round((time.monotonic() - started) * 1000, 1)
+                            metrics.FIRST_TOKEN_SECONDS.labels(
+                                self.name, metrics.model_label(request.model)
+                            ).observe(first_token_ms / 1000)
+                            if current.is_recording():
+                                current.add_event("first_token")
+                        answer.append(delta.text)
+                        reasoning.append(delta.reasoning)
+                        if passed.chars + passed.reasoning_chars > self._max_response_bytes:
+                            raise _too_large(self._max_response_bytes, number)
+                        await passed.forward(delta)
                 if first_token_ms is None:
                     raise NoAnswer(message="upstream streamed no answer", attempts=number)
+            except TooLarge:
+                error = _too_large(self._max_response_bytes, number)
+                raise error from None
             except TimeoutError:
                 error = DeadlineExceeded(
                     message=f"upstream stream not finished by the deadline after {passed.chars}"
@@ -467,7 +440,7 @@ async def _guarded(
     try:
         async for chunk in chunks:
             yield chunk
-    except (LLMError, TimeoutError, asyncio.CancelledError):
+    except (LLMError, TooLarge, TimeoutError, asyncio.CancelledError):
         raise
     except Exception as exc:
         if passed.chars or passed.reasoning_chars:
