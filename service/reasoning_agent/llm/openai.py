@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
 import httpx2
 import openai
 from opentelemetry.trace import Span
@@ -82,19 +81,9 @@ def _retry_after(exc: BaseException | None) -> float | None:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    """A timeout, not a failed connection: the SDK's aiohttp transport reports a name that
-    does not resolve, a refused connection and a timeout alike as a connect timeout; its
-    chain of causes tells them apart."""
-    if not isinstance(exc, openai.APITimeoutError):
-        return False
-    cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
-            return True
-        if isinstance(cause, aiohttp.ClientConnectionError | OSError):
-            return False
-        cause = cause.__cause__
-    return True
+    """A timeout, not a failed connection: CompletionsHTTP raises APITimeoutError only for a
+    TimeoutError."""
+    return isinstance(exc, openai.APITimeoutError)
 
 
 def _body(request: LLMRequest) -> dict[str, Any]:
