@@ -357,9 +357,7 @@ def test_calls_past_the_connection_limit_wait_for_one_to_end(
 
 
 def _complete_once(fake_llm: FakeOpenAI, request: LLMRequest) -> LLMResult:
-    provider = OpenAIProvider(
-        api_key=OPENAI_KEY, base_url=fake_llm.base_url, model="gpt-test", max_attempts=1
-    )
+    provider = _provider(fake_llm)
 
     async def call() -> LLMResult:
         try:

@@ -5,8 +5,8 @@ more CPU than the call itself."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, cast
 
 import aiohttp
@@ -16,7 +16,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from openai._streaming import ServerSentEvent, SSEDecoder  # the SDK's own parser, as it reads
 from yarl import URL
 
-__all__ = ["CompletionsHTTP", "Pool", "TooLarge"]
+__all__ = ["CompletionsHTTP", "TooLarge"]
 
 
 _READ = 2**16  # the most of a stream read at once, so one event's bytes are counted closely
@@ -24,33 +24,6 @@ _READ = 2**16  # the most of a stream read at once, so one event's bytes are cou
 
 class TooLarge(Exception):
     """The answer passed the byte cap (declared or received)."""
-
-
-class Pool:
-    """The one aiohttp session every call to the upstream goes through, streamed or not, so
-    that one connection limit holds for all of them."""
-
-    def __init__(self, *, upstream: str, max_connections: int) -> None:
-        self._max_connections = max_connections
-        self._proxy, self._proxy_auth = _env_proxy(upstream)
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        """The session, made on the loop that first asks for it."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                # The certificate store the SDK's own transport verifies with.
-                ssl=httpx2.create_ssl_context(verify=True, trust_env=True),
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, proxy=self._proxy, proxy_auth=self._proxy_auth
-            )
-        return self._session
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
@@ -64,21 +37,23 @@ def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
 
 class CompletionsHTTP:
     """POSTs to `{base_url}chat/completions` with the SDK client's URL and identifying
-    headers."""
+    headers, streamed or not, on one session: one connection limit holds for all calls."""
 
     def __init__(
         self,
         client: openai.AsyncOpenAI,
         *,
-        pool: Pool,
         api_key: str,
+        max_connections: int,
         max_response_bytes: int,
     ) -> None:
         self._url = f"{client.base_url}chat/completions"
         self._headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
         self._headers["Authorization"] = f"Bearer {api_key}"
-        self._pool = pool
+        self._max_connections = max_connections
+        self._proxy, self._proxy_auth = _env_proxy(self._url)
         self._cap = max_response_bytes
+        self._session: aiohttp.ClientSession | None = None
 
     async def post(
         self, body: Mapping[str, Any], *, timeout_s: float, headers: Mapping[str, str]
@@ -86,12 +61,8 @@ class CompletionsHTTP:
         """The 2xx answer's body. Otherwise openai.APIStatusError, APITimeoutError or
         APIConnectionError, the classes the retry policy reads, or TooLarge."""
         async with self._opened(body, timeout_s=timeout_s, headers=headers) as response:
-            try:
+            with self._as_sdk_errors():
                 return await _read_capped(response, self._cap)
-            except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
-                raise openai.APITimeoutError(request=_request(self._url)) from exc
-            except (aiohttp.ClientError, OSError) as exc:
-                raise openai.APIConnectionError(request=_request(self._url)) from exc
 
     @asynccontextmanager
     async def stream(
@@ -121,26 +92,25 @@ class CompletionsHTTP:
         chunks = received()
         events = cast(AsyncGenerator[ServerSentEvent, None], SSEDecoder().aiter_bytes(chunks))
         try:
-            async for event in events:
-                unparsed = 0
-                if event.data.startswith("[DONE]"):
-                    async for _ in chunks:  # the rest, so that the connection is used again
-                        pass
-                    return
-                data = event.json()  # not JSON: ValueError, which the caller classifies
-                if isinstance(data, dict) and data.get("error"):
-                    error = data["error"]
-                    message = error.get("message") if isinstance(error, dict) else None
-                    raise openai.APIError(
-                        message if isinstance(message, str) and message else "stream error",
-                        _request(self._url),
-                        body=error,
-                    )
-                yield data
-        except TimeoutError:  # the deadline, which the caller reports as such
-            raise
-        except (aiohttp.ClientError, OSError) as exc:
-            raise openai.APIConnectionError(request=_request(self._url)) from exc
+            # Past the deadline the caller's own timeout stops the stream: aiohttp's own
+            # TimeoutError is let through, as that deadline, not made an APITimeoutError.
+            with self._as_sdk_errors(timeouts=False):
+                async for event in events:
+                    unparsed = 0
+                    if event.data.startswith("[DONE]"):
+                        async for _ in chunks:  # the rest, so that the connection is used again
+                            pass
+                        return
+                    data = event.json()  # not JSON: ValueError, which the caller classifies
+                    if isinstance(data, dict) and data.get("error"):
+                        error = data["error"]
+                        message = error.get("message") if isinstance(error, dict) else None
+                        raise openai.APIError(
+                            message if isinstance(message, str) and message else "stream error",
+                            _request(self._url),
+                            body=error,
+                        )
+                    yield data
         finally:
             await events.aclose()
 
@@ -150,18 +120,14 @@ class CompletionsHTTP:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The 2xx response with its body unread, released on the way out."""
         sent = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        try:
-            response = await self._pool.session().post(
+        with self._as_sdk_errors():
+            response = await self._session_here().post(
                 self._url,
                 data=sent,
                 headers={**self._headers, **headers} if headers else self._headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
             )
-        except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
-            raise openai.APITimeoutError(request=_request(self._url)) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise openai.APIConnectionError(request=_request(self._url)) from exc
         try:
             if response.status >= 300:
                 raise openai.APIStatusError(
@@ -172,6 +138,35 @@ class CompletionsHTTP:
             yield response
         finally:
             response.release()
+
+    @contextmanager
+    def _as_sdk_errors(self, *, timeouts: bool = True) -> Iterator[None]:
+        """aiohttp's failures as the SDK's classes, which the retry policy reads."""
+        try:
+            yield
+        except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
+            if not timeouts:
+                raise
+            raise openai.APITimeoutError(request=_request(self._url)) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise openai.APIConnectionError(request=_request(self._url)) from exc
+
+    def _session_here(self) -> aiohttp.ClientSession:
+        """The session, made on the loop that first calls."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                # The certificate store the SDK's own transport verifies with.
+                ssl=httpx2.create_ssl_context(verify=True, trust_env=True),
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, proxy=self._proxy, proxy_auth=self._proxy_auth
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

@@ -41,7 +41,7 @@ from reasoning_agent.llm.base import (
     attempt_span,
     record_result,
 )
-from reasoning_agent.llm.completions_http import CompletionsHTTP, Pool, TooLarge
+from reasoning_agent.llm.completions_http import CompletionsHTTP, TooLarge
 from reasoning_agent.observability import metrics
 from reasoning_agent.observability.telemetry import inject_headers
 
@@ -209,16 +209,14 @@ class OpenAIProvider:
         self._max_response_bytes = max_response_bytes
         self._client: openai.AsyncOpenAI | None = None
         self._http: CompletionsHTTP | None = None
-        self._pool: Pool | None = None
         if api_key:
             # The SDK's client settles the URL (OPENAI_BASE_URL too) and the identifying
             # headers; the calls go through CompletionsHTTP.
             self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
-            self._pool = Pool(upstream=str(self._client.base_url), max_connections=max_connections)
             self._http = CompletionsHTTP(
                 self._client,
-                pool=self._pool,
                 api_key=api_key,
+                max_connections=max_connections,
                 max_response_bytes=max_response_bytes,
             )
 
@@ -401,10 +399,10 @@ class OpenAIProvider:
             return result
 
     async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
         if self._client is not None:
             await self._client.close()
-        if self._pool is not None:
-            await self._pool.aclose()
 
 
 class _Passed:
